@@ -1,0 +1,160 @@
+"""Wires settings to stores. Built once per Lambda container; stores connect on first use.
+
+A handler builds one Runtime at cold start (reading settings there, so a bad variable fails
+the cold start) and reuses it for every warm invocation. Tests and the CLI pass their own
+stores or settings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any
+
+from session_gc.errors import ConfigError
+from session_gc.ids import KeySpace
+from session_gc.settings import DatabaseTarget, Settings, load_settings
+from session_gc.stores.jobs import JobStore
+from session_gc.stores.logs import LogStore
+from session_gc.stores.temp import TempStore, open_temp_store
+from session_gc.stores.valkey import ValkeyStore
+
+# Secrets are fetched through Powertools Parameters and cached this long, so a rotated
+# password reaches warm containers within minutes without a call per invocation.
+SECRET_MAX_AGE_S = 300
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        valkey: ValkeyStore | None = None,
+        logs: LogStore | None = None,
+        jobs: JobStore | None = None,
+        temp: TempStore | None = None,
+        sqs: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        if valkey is not None:
+            self.__dict__["valkey"] = valkey
+        if logs is not None:
+            self.__dict__["logs"] = logs
+        if jobs is not None:
+            self.__dict__["jobs"] = jobs
+        if temp is not None:
+            self.__dict__["temp"] = temp
+        if sqs is not None:
+            self.__dict__["sqs"] = sqs
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Runtime:
+        return cls(load_settings(**overrides))
+
+    @cached_property
+    def keys(self) -> KeySpace:
+        return KeySpace(self.settings.key_prefix)
+
+    @cached_property
+    def valkey(self) -> ValkeyStore:
+        s = self.settings
+        return ValkeyStore.connect(
+            s.valkey_url,
+            self.keys,
+            cluster=s.valkey_cluster,
+            password=self._valkey_password(),
+            connect_timeout_s=s.connect_timeout_s,
+            scan_count=s.scan_count,
+            unlink_batch=s.unlink_batch,
+        )
+
+    @cached_property
+    def logs(self) -> LogStore:
+        s = self.settings
+        target: DatabaseTarget | Callable[[], DatabaseTarget]
+        if s.database_target is not None:
+            target = s.database_target
+        else:
+            target = self._database_target_from_secret
+        return LogStore(
+            target,
+            batch_size=s.log_batch_size,
+            statement_timeout_ms=s.statement_timeout_ms,
+            connect_timeout_s=s.connect_timeout_s,
+        )
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        s = self.settings
+        return JobStore(
+            s.valkey_url,
+            queue_name=s.job_queue_name,
+            prefix=s.job_queue_prefix,
+            password=self._valkey_password(),
+            cluster=s.valkey_cluster,
+        )
+
+    @cached_property
+    def temp(self) -> TempStore | None:
+        return open_temp_store(self.settings.temp_store_url)
+
+    @cached_property
+    def sqs(self) -> Any:
+        import boto3  # only the sweep's fan-out needs it; keep it off other cold starts
+
+        return boto3.client("sqs")
+
+    def close(self) -> None:
+        for name in ("valkey", "logs"):
+            store = self.__dict__.pop(name, None)
+            if store is not None:
+                store.close()
+
+    # -- secrets -----------------------------------------------------------------------------
+
+    def _valkey_password(self) -> str | None:
+        arn = self.settings.valkey_auth_secret_arn
+        if not arn:
+            return None
+        raw = _get_secret(arn)
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            return raw  # a plain-text auth token
+        if isinstance(parsed, dict):
+            for field in ("password", "authToken", "token"):
+                if isinstance(parsed.get(field), str):
+                    return str(parsed[field])
+        raise ConfigError(
+            "VALKEY_AUTH_SECRET_ARN: the secret is JSON without a password/authToken field"
+        )
+
+    def _database_target_from_secret(self) -> DatabaseTarget:
+        arn = self.settings.database_secret_arn
+        assert arn, "load_settings guarantees DATABASE_URL or DATABASE_SECRET_ARN"
+        try:
+            secret = json.loads(_get_secret(arn))
+            return DatabaseTarget(
+                user=secret["username"],
+                password=secret["password"],
+                host=secret["host"],
+                port=int(secret.get("port", 5432)),
+                database=secret.get("dbname") or "postgres",
+                sslmode=secret.get("sslmode", "verify-full"),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                "DATABASE_SECRET_ARN: the secret is not an RDS-style JSON secret with "
+                f"username, password and host ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+def _get_secret(arn: str) -> str:
+    from aws_lambda_powertools.utilities import parameters
+
+    value = parameters.get_secret(arn, max_age=SECRET_MAX_AGE_S)
+    return value if isinstance(value, str) else bytes(value).decode()

@@ -1,0 +1,1 @@
+"""Adapters for the places session artifacts live: Valkey, PostgreSQL, BullMQ, temp files."""
