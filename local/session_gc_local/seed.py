@@ -7,6 +7,7 @@ survive every run.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -70,8 +71,7 @@ def write_bystanders(client: redis.Redis, prefix: str, count: int = 20) -> list[
 
 
 def apply_schema(conn: pg8000.native.Connection) -> None:
-    # Without parameters pg8000 uses the simple query protocol, which runs the whole script.
-    conn.run(schema_sql())
+    conn.run(schema_sql())  # no parameters: the simple protocol runs the whole script
 
 
 def add_logs(
@@ -132,3 +132,64 @@ def sqs_event(bodies: Sequence[str], *, queue: str = "session-gc-collect") -> di
 
 def session_bodies(ids: Iterable[str]) -> list[str]:
     return [json.dumps({"sessionId": sid}) for sid in ids]
+
+
+async def seed_jobs(
+    url: str,
+    *,
+    queue_name: str = "summarization",
+    prefix: str = "bull",
+    completed: int = 0,
+    failed: int = 0,
+    waiting: int = 0,
+    delayed: int = 0,
+) -> dict[str, int]:
+    """Make real BullMQ jobs with the bullmq package: a Worker completes or fails them, the
+    way the platform's Node workers would. Returns bullmq's own counts afterwards."""
+    from bullmq import Queue, Worker
+
+    queue = Queue(queue_name, {"connection": url, "prefix": prefix})
+    try:
+        before = await queue.getJobCounts("completed", "failed")
+        finished = completed + failed + before["completed"] + before["failed"]
+        if completed + failed:
+            await queue.addBulk(
+                [
+                    {"name": "summarize", "data": {"fail": i >= completed, "n": i}}
+                    for i in range(completed + failed)
+                ]
+            )
+
+            async def process(job: Any, token: str) -> str:
+                if job.data.get("fail"):
+                    raise RuntimeError("model timed out")
+                return "summary"
+
+            worker = Worker(
+                queue_name,
+                process,
+                {"connection": url, "prefix": prefix, "concurrency": 20},
+            )
+            try:
+                for _ in range(600):
+                    counts = await queue.getJobCounts("completed", "failed")
+                    if counts["completed"] + counts["failed"] >= finished:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError("bullmq worker did not finish the seeded jobs in 30 s")
+            finally:
+                await worker.close()
+        if delayed:
+            await queue.addBulk(
+                [
+                    {"name": "summarize", "data": {"n": i}, "opts": {"delay": 3_600_000}}
+                    for i in range(delayed)
+                ]
+            )
+        if waiting:
+            await queue.addBulk([{"name": "summarize", "data": {"n": i}} for i in range(waiting)])
+        counts = await queue.getJobCounts("completed", "failed", "waiting", "delayed", "active")
+        return {name: int(value) for name, value in counts.items()}
+    finally:
+        await queue.close()

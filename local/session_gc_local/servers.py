@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -26,10 +27,15 @@ from pathlib import Path
 from typing import Literal
 
 import redis
-from pgserver._commands import POSTGRES_BIN_PATH
-from pgserver.postgres_server import PostgresServer, get_server
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+# pgserver asks platformdirs for a runtime dir at import and warns where none is set (CI,
+# containers); it falls back to /tmp, which is fine for local servers.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgserver.postgres_server import PostgresServer, get_server
 
 # The certificate maker falls back to the openssl command line where cryptography is missing.
 try:

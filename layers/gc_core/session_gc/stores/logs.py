@@ -92,7 +92,7 @@ class LogStore:
 
     # -- connection --------------------------------------------------------------------------
 
-    def _connect(self) -> pg8000.native.Connection:
+    def _connect(self, *, check_schema: bool = True) -> pg8000.native.Connection:
         target = self._target() if callable(self._target) else self._target
         ssl_context = self.ssl_context
         if ssl_context is None and target.sslmode in ("require", "verify-ca", "verify-full"):
@@ -116,7 +116,8 @@ class LogStore:
         try:
             conn.run(f"SET statement_timeout = {int(self.statement_timeout_ms)}")
             conn.run(f"SET lock_timeout = {max(1000, int(self.statement_timeout_ms) // 3)}")
-            self._check_schema(conn)
+            if check_schema:
+                self._check_schema(conn)
         except BaseException:
             conn.close()
             raise
@@ -163,6 +164,17 @@ class LogStore:
                 "log indexes missing, demotion will scan the table",
                 missing=sorted(EXPECTED_INDEXES - indexes),
             )
+
+    def apply_schema(self) -> None:
+        """Create the table and indexes (idempotent), then check them as a start-up would."""
+        conn = self._connect(check_schema=False)
+        try:
+            with _translate("apply the schema"):
+                # Without parameters pg8000 uses the simple protocol, which runs a whole script.
+                conn.run(schema_sql())
+            self._check_schema(conn)
+        finally:
+            conn.close()
 
     def check(self) -> None:
         """Connect (if needed) and verify the schema; raises SchemaMissing/StoreUnavailable."""
