@@ -1,5 +1,7 @@
 # Two commands matter: `make demo` and `make test`. Both build the virtualenv first.
-PYTHON ?= python3
+# Python 3.11 or newer; 3.11 preferred here because pgserver (the embedded PostgreSQL) ships
+# wheels for it. The Lambda runtime is python3.13 and the layer code runs on both.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp

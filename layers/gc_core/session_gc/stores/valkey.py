@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
-from redis.cluster import ClusterNode, RedisCluster
+from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from session_gc.errors import StoreUnavailable
@@ -258,16 +258,13 @@ class ValkeyStore:
     ) -> Page:
         with translate_errors("scan a page of session keys"):
             if self.cluster:
+                # Each primary keeps its own cursor; its own connection scans just its slots.
                 cluster = cast(RedisCluster, self.client)
                 target = cluster.get_node(node_name=node)  # type: ignore[no-untyped-call]
-                next_cursor, raw = cluster.execute_command(  # type: ignore[no-untyped-call]
-                    "SCAN",
-                    cursor,
-                    "MATCH",
-                    self.keys.all_sessions_pattern,
-                    "COUNT",
-                    self.scan_count,
-                    target_nodes=cast(ClusterNode, target),
+                if target is None:
+                    raise StoreUnavailable(f"cluster node {node} is gone; the run will restart")
+                next_cursor, raw = cluster.get_redis_connection(target).scan(
+                    cursor, match=self.keys.all_sessions_pattern, count=self.scan_count
                 )
             else:
                 next_cursor, raw = self.client.scan(
@@ -296,7 +293,9 @@ class ValkeyStore:
             pipe = self.client.pipeline(transaction=False)
             for sid, keys in doomed.items():
                 for chunk in self._slot_chunks(keys):
-                    pipe.unlink(*chunk)
+                    # The raw command: redis-py's cluster pipeline refuses multi-key unlink()
+                    # even when, as here, every key of the chunk shares one slot.
+                    pipe.execute_command("UNLINK", *chunk)
                     owners.append(sid)
             replies = pipe.execute()
         removed: dict[str, int] = defaultdict(int)
