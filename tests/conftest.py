@@ -5,6 +5,8 @@ empty log table."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +15,7 @@ import pg8000.native
 import pytest
 import redis
 
+from session_gc.observability import metrics
 from session_gc.runtime import Runtime
 from session_gc.settings import Settings, load_settings, parse_database_url
 from session_gc_local import seed, servers
@@ -44,7 +47,10 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         url = external
         server = None
     else:
-        server = servers.start_postgres(tmp_path_factory.mktemp("pg"))
+        # Not under pytest's own tmp: a second pytest run resets that tree to mode 0700, which
+        # locks pgserver's system user out of a data directory still in use.
+        pgdir = Path(tempfile.mkdtemp(prefix="session-gc-test-pg-"))
+        server = servers.start_postgres(pgdir)
         url = server.url
     conn = connect_pg(url)
     seed.apply_schema(conn)
@@ -54,6 +60,16 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         if server is not None:
             server.stop()
+            shutil.rmtree(pgdir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_metrics() -> Iterator[None]:
+    # Core functions record metrics on the shared Metrics object; only a handler flushes it.
+    # Tests that call the core directly must not leak their metrics into a later handler's.
+    metrics.clear_metrics()
+    yield
+    metrics.clear_metrics()
 
 
 def connect_pg(url: str) -> pg8000.native.Connection:

@@ -35,14 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("Exit codes, for scripts:")[1].join(["Exit codes:", ""]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print the result as one compact JSON line"
-    )
-    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    _output_options(parser, default=False)
+    # The same options after the command (`session-gc full --dry-run --json`); SUPPRESS keeps
+    # a command that does not repeat them from resetting what was given before it.
+    after = argparse.ArgumentParser(add_help=False)
+    _output_options(after, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     collect = commands.add_parser(
         "collect",
+        parents=[after],
         help="collect the given ended sessions now",
         description="Collect these sessions in one pass: their Valkey keys, hot log rows "
         "(demoted to warm) and temp files. A session with a live heartbeat is skipped.",
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser(
         "sweep",
+        parents=[after],
         help="run one two-phase sweep for sessions that died uncollected",
         description="Mark sessions without a heartbeat as candidates; collect candidates "
         "still dead after the grace period (SWEEP_GRACE_SECONDS).",
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     full = commands.add_parser(
         "full",
+        parents=[after],
         help="collect everything no live session owns (after a deployment)",
         description="Delete every session key whose session has no heartbeat, demote hot "
         "logs older than HOT_LOG_MAX_AGE_HOURS, purge finished jobs older than "
@@ -79,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     schema = commands.add_parser(
-        "schema", help="print (or apply) the SQL that creates the log table and indexes"
+        "schema",
+        parents=[after],
+        help="print (or apply) the SQL that creates the log table and indexes",
     )
     schema.add_argument("--apply", action="store_true", help="run it against DATABASE_URL")
 
@@ -89,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Needs the development install (make demo does it).",
     )
     return parser
+
+
+def _output_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default,
+        help="print the result as one compact JSON line",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", default=default, help="log only warnings and errors"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

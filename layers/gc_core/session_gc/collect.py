@@ -145,4 +145,6 @@ def collect_records(
         return batch
     for message_id, sid in wanted.items():
         batch.results[message_id] = by_session[sid]
+    # SQS only hears about failures; the per-session outcome lives in the log.
+    logger.info("collect results", results=[r.to_json() for r in by_session.values()])
     return batch

@@ -67,10 +67,14 @@ def _valkey(rt: Runtime, result: FullResult, state: dict[str, Any], deadline: De
     positions: dict[str, int] = dict(state.get("valkey", {}))
     live: set[str] = set()
     logger.info("full gc valkey started", resume=bool(positions))
-    for page in rt.valkey.pages(
-        spare_live=not result.force, dry_run=result.dry_run, start=positions
-    ):
-        result.valkey_keys += sum(page.removed.values())
+    pages = rt.valkey.pages(
+        spare_live=not result.force,
+        dry_run=result.dry_run,
+        start=dict(positions),
+        per_session=False,
+    )
+    for page in pages:
+        result.valkey_keys += page.total
         live |= page.live
         positions[page.node] = page.cursor if page.cursor else -1
         if page.cursor and deadline.passed():

@@ -1,10 +1,28 @@
 """One Logger, Metrics and Tracer for the whole package (Powertools reads its env vars)."""
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aws_lambda_powertools import Logger, Metrics
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools import Tracer
 
 SERVICE = "session-gc"
 NAMESPACE = "SessionGC"
 
 logger = Logger(service=SERVICE)
 metrics = Metrics(service=SERVICE, namespace=NAMESPACE)
-tracer = Tracer(service=SERVICE)
+
+
+def __getattr__(name: str) -> Tracer:
+    # The Tracer pulls in the X-Ray SDK and botocore (~20 MiB, ~250 ms). Only the handlers
+    # trace, so it is built on first import by a handler, never by the core, CLI or bench.
+    if name == "tracer":
+        from aws_lambda_powertools import Tracer
+
+        tracer = Tracer(service=SERVICE)
+        globals()["tracer"] = tracer
+        return tracer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ The environment variable names live here and nowhere else. A keyword argument gi
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
@@ -82,8 +83,9 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {}
 def _redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
+        url = url.replace(f":{parts.password}@", ":***@")
+    # redis-py also takes the password as a query parameter (redis://host/0?password=...).
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -120,7 +122,7 @@ def _valkey_url(name: str, raw: str) -> str:
             f"{name} must start with redis://, rediss:// or unix://, got {_redact_url(url)!r}"
         )
     if parts.scheme == "unix" and not parts.path:
-        raise ConfigError(f"{name} has no socket path: {url!r}")
+        raise ConfigError(f"{name} has no socket path: {_redact_url(url)!r}")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"{name} has no host: {_redact_url(url)!r}")
     try:

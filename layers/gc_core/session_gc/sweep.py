@@ -149,8 +149,10 @@ def _collect_due(rt: Runtime, result: SweepResult, due: list[str], now: float) -
         return
     collected = collect_sessions(rt, due)
     result.total_cleaned = list(collected.values())
-    done = [sid for sid, r in collected.items() if not r.skipped and not r.error]
-    _update_candidates(rt, add=(), now=now, drop=done)
+    # One found live here came back to life: it leaves the list too, so that if it dies again
+    # it waits a whole grace period from then. Only a session that failed stays, for a retry.
+    settled = [sid for sid, r in collected.items() if not r.error]
+    _update_candidates(rt, add=(), now=now, drop=settled)
 
 
 def _blast_radius(due: set[str], dead: set[str], live: set[str], ratio: float) -> str | None:

@@ -300,9 +300,10 @@ def _translate(step: str) -> Iterator[None]:
         detail = exc.args[0] if exc.args else {}
         code = detail.get("C") if isinstance(detail, dict) else None
         message = detail.get("M") if isinstance(detail, dict) else str(exc)
-        if code == "42P01":
+        if code in ("42P01", "42703"):
+            # Undefined table or column: a schema problem, not worth a retry.
             raise SchemaMissing(
-                f"table {TABLE} is missing ({message}); see sql/schema.sql"
+                f"{TABLE} does not match sql/schema.sql while trying to {step}: {message}"
             ) from exc
         if code in ("57014", "55P03"):
             raise StoreUnavailable(f"PostgreSQL timed out trying to {step}: {message}") from exc

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
+from session_gc.errors import StoreUnavailable
 from session_gc.ids import validate_session_id
 
 # S3 DeleteObjects takes at most this many keys a call.
@@ -62,17 +64,35 @@ class S3TempStore:
             self._client = boto3.client("s3")
         return self._client
 
+    @contextmanager
+    def _translate(self, step: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            raise StoreUnavailable(
+                f"S3 temp store s3://{self.bucket}/{self.root} failed to {step}: {exc}"
+            ) from exc
+
     def session_ids(self) -> Iterator[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.root, Delimiter="/"
-        )
-        for page in pages:
-            for common in page.get("CommonPrefixes", []):
-                name = common["Prefix"][len(self.root) :].rstrip("/")
-                if _valid(name):
-                    yield name
+        with self._translate("list session folders"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.root, Delimiter="/"
+            )
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    name = common["Prefix"][len(self.root) :].rstrip("/")
+                    if _valid(name):
+                        yield name
 
     def remove_session(self, session_id: str, *, dry_run: bool = False) -> Removal:
+        # An S3 error fails the whole session (its message is retried), including the count of
+        # what already went: the retry lists and removes only what is left.
+        with self._translate(f"remove the files of session {session_id!r}"):
+            return self._remove(session_id, dry_run)
+
+    def _remove(self, session_id: str, dry_run: bool) -> Removal:
         prefix = f"{self.root}{validate_session_id(session_id)}/"
         result = Removal()
         pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -107,6 +127,8 @@ class DirTempStore:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise StoreUnavailable(f"temp directory {self.root} unreadable: {exc}") from exc
         for entry in entries:
             if _valid(entry.name) and entry.is_dir(follow_symlinks=False):
                 yield entry.name
@@ -118,6 +140,8 @@ class DirTempStore:
             mode = folder.lstat().st_mode
         except FileNotFoundError:
             return result
+        except OSError as exc:
+            raise StoreUnavailable(f"temp directory {self.root} unreadable: {exc}") from exc
         if not stat.S_ISDIR(mode):
             # A symlink here could point anywhere (another session, /); never follow it.
             result.failed.append((str(folder), "not a plain directory (symlink?); left alone"))

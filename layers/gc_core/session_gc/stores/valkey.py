@@ -26,61 +26,106 @@ from session_gc.errors import StoreUnavailable
 from session_gc.ids import MAX_ID_LENGTH, KeySpace
 
 # KEYS: none (standalone only: the keys are found by the script's own SCAN).
-# ARGV[1] cursor, ARGV[2] MATCH pattern, ARGV[3] COUNT, ARGV[4] session root ("mosaic:session:"),
+# ARGV[1] cursor, ARGV[2] MATCH pattern (the escaped session root + "*", so every key found
+# starts with the root), ARGV[3] COUNT, ARGV[4] session root ("mosaic:session:"),
 # ARGV[5] "1" = dry run, ARGV[6] "1" = spare sessions whose heartbeat exists,
-# ARGV[7] max id length, ARGV[8] UNLINK batch size, ARGV[9..] only these session ids (none = all).
-# Returns {next cursor, {id, count, id, count, ...} of deleted (or would-be) keys, {live ids}}.
+# ARGV[7] max id length, ARGV[8] UNLINK batch size, ARGV[9] "1" = report counts per session,
+# ARGV[10..] only these session ids (none = all).
+# Returns {next cursor, {id, count, id, count, ...} of deleted (or would-be) keys (empty unless
+# asked for), {live ids}, total deleted (or would-be) keys}.
 # The id rules mirror ids.validate_session_id, so a key Python would not parse is never touched.
+# Cost notes (measured, see BENCHMARKS.md): each session is judged once per page, and its
+# heartbeat is looked up with one EXISTS for 16 sessions at a time; only a group holding a
+# live session is looked at one by one. Deleting is then the bulk of the work.
 PAGE_SCRIPT = """
 local root = ARGV[4]
 local dry = ARGV[5] == '1'
 local respect = ARGV[6] == '1'
 local maxlen = tonumber(ARGV[7])
 local batch_size = tonumber(ARGV[8])
+local per_session = ARGV[9] == '1'
 local only = nil
-if #ARGV > 8 then
+if #ARGV > 9 then
   only = {}
-  for i = 9, #ARGV do only[ARGV[i]] = true end
+  for i = 10, #ARGV do only[ARGV[i]] = true end
 end
+local sub, find, byte = string.sub, string.find, string.byte
 local page = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
-local live, counts, order, live_list, batch = {}, {}, {}, {}, {}
-local rootlen = #root
-for _, key in ipairs(page[2]) do
+local keys = page[2]
+local at = #root + 1
+local brace = byte('{')
+
+-- Which session each key belongs to; a session is judged once: 'skip' or 'dead' (so far).
+local sids, state, pending = {}, {}, {}
+for i = 1, #keys do
+  local key = keys[i]
   local sid = nil
-  if string.sub(key, 1, rootlen) == root then
-    if string.sub(key, rootlen + 1, rootlen + 1) == '{' then
-      local e = string.find(key, '}:', rootlen + 2, true)
-      if e then sid = string.sub(key, rootlen + 2, e - 1) end
-    else
-      local e = string.find(key, ':', rootlen + 1, true)
-      if e then sid = string.sub(key, rootlen + 1, e - 1) end
+  if byte(key, at) == brace then
+    local e = find(key, '}:', at + 1, true)
+    if e then sid = sub(key, at + 1, e - 1) end
+  else
+    local e = find(key, ':', at, true)
+    if e then sid = sub(key, at, e - 1) end
+  end
+  if sid then
+    local st = state[sid]
+    if st == nil then
+      if #sid == 0 or #sid > maxlen or not find(sid, '^[%w%._@%+=%-]+$')
+          or (only ~= nil and not only[sid]) then
+        st = 'skip'
+      else
+        st = 'dead'
+        pending[#pending + 1] = sid
+      end
+      state[sid] = st
+    end
+    if st == 'dead' then sids[i] = sid end
+  end
+end
+
+-- Heartbeats, both spellings, checked in this same script so none can appear in between.
+local live_list = {}
+if respect then
+  for first = 1, #pending, 16 do
+    local last = math.min(first + 15, #pending)
+    local beats = {}
+    for j = first, last do
+      beats[#beats + 1] = root .. pending[j] .. ':heartbeat'
+      beats[#beats + 1] = root .. '{' .. pending[j] .. '}:heartbeat'
+    end
+    if redis.call('EXISTS', unpack(beats)) > 0 then
+      for j = first, last do
+        local sid = pending[j]
+        if redis.call('EXISTS', root .. sid .. ':heartbeat',
+                      root .. '{' .. sid .. '}:heartbeat') > 0 then
+          state[sid] = 'live'
+          live_list[#live_list + 1] = sid
+        end
+      end
     end
   end
-  if sid and #sid > 0 and #sid <= maxlen and string.find(sid, '^[%w%._@%+=%-]+$')
-      and (only == nil or only[sid]) then
-    local alive = live[sid]
-    if alive == nil then
-      alive = respect and redis.call('EXISTS', root .. sid .. ':heartbeat',
-                                     root .. '{' .. sid .. '}:heartbeat') > 0
-      live[sid] = alive
-      if alive then table.insert(live_list, sid) end
-    end
-    if not alive then
-      if counts[sid] == nil then
-        counts[sid] = 0
-        table.insert(order, sid)
+end
+
+-- SCAN only returns keys that exist and nothing else runs while the script does, so every
+-- key batched here is really removed.
+local counts, order, batch, total = {}, {}, {}, 0
+for i = 1, #keys do
+  local sid = sids[i]
+  if sid and state[sid] == 'dead' then
+    total = total + 1
+    if per_session then
+      local n = counts[sid]
+      if n == nil then
+        n = 0
+        order[#order + 1] = sid
       end
-      if dry then
-        counts[sid] = counts[sid] + 1
-      else
-        -- SCAN only returns keys that exist, and nothing else runs while the script
-        -- does, so every key batched here is really removed.
-        table.insert(batch, key)
-        if #batch >= batch_size then
-          redis.call('UNLINK', unpack(batch))
-          batch = {}
-        end
-        counts[sid] = counts[sid] + 1
+      counts[sid] = n + 1
+    end
+    if not dry then
+      batch[#batch + 1] = keys[i]
+      if #batch >= batch_size then
+        redis.call('UNLINK', unpack(batch))
+        batch = {}
       end
     end
   end
@@ -88,13 +133,16 @@ end
 if #batch > 0 then redis.call('UNLINK', unpack(batch)) end
 local flat = {}
 for _, sid in ipairs(order) do
-  table.insert(flat, sid)
-  table.insert(flat, counts[sid])
+  flat[#flat + 1] = sid
+  flat[#flat + 1] = counts[sid]
 end
-return {page[1], flat, live_list}
+return {page[1], flat, live_list, total}
 """
 
 STANDALONE = "standalone"
+# Lua's unpack() fails with "too many results to unpack" past its C stack limit (8,000
+# values in Valkey's Lua 5.1), so the script never batches more keys than this per UNLINK.
+SCRIPT_UNLINK_MAX = 4096
 
 
 @dataclass
@@ -103,8 +151,10 @@ class Page:
 
     node: str
     cursor: int
+    # Per session only when the walk asked for it; ``total`` always.
     removed: dict[str, int] = field(default_factory=dict)
     live: set[str] = field(default_factory=set)
+    total: int = 0
 
 
 class ValkeyStore:
@@ -201,6 +251,7 @@ class ValkeyStore:
         spare_live: bool = True,
         dry_run: bool = False,
         start: dict[str, int] | None = None,
+        per_session: bool = True,
     ) -> Iterator[Page]:
         """Walk every session key once, removing those of the selected sessions page by page.
 
@@ -208,7 +259,8 @@ class ValkeyStore:
         ``spare_live`` leaves every session with a heartbeat alone; ``dry_run`` only counts.
         ``start`` resumes from saved cursors (node -> cursor); a node absent from it starts at
         0, a node mapped to -1 is finished. The caller may stop between pages: each Page
-        carries the cursor to resume from.
+        carries the cursor to resume from. ``per_session=False`` reports only totals, which
+        spares a large walk the cost of shipping every session id back to the client.
         """
         if only is not None and not only:
             return
@@ -219,7 +271,7 @@ class ValkeyStore:
                 continue
             while True:
                 if self._script is not None:
-                    page = self._script_page(cursor, only, spare_live, dry_run)
+                    page = self._script_page(cursor, only, spare_live, dry_run, per_session)
                 else:
                     page = self._client_page(node, cursor, only, spare_live, dry_run)
                 yield page
@@ -228,7 +280,12 @@ class ValkeyStore:
                     break
 
     def _script_page(
-        self, cursor: int, only: frozenset[str] | None, spare_live: bool, dry_run: bool
+        self,
+        cursor: int,
+        only: frozenset[str] | None,
+        spare_live: bool,
+        dry_run: bool,
+        per_session: bool,
     ) -> Page:
         assert self._script is not None
         args: list[str | int] = [
@@ -239,14 +296,15 @@ class ValkeyStore:
             "1" if dry_run else "0",
             "1" if spare_live else "0",
             MAX_ID_LENGTH,
-            self.unlink_batch,
+            min(self.unlink_batch, SCRIPT_UNLINK_MAX),
+            "1" if per_session else "0",
         ]
         if only is not None:
             args.extend(sorted(only))
         with translate_errors("scan a page of session keys"):
-            next_cursor, flat, live = self._script(keys=[], args=args)
+            next_cursor, flat, live, total = self._script(keys=[], args=args)
         removed = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return Page(STANDALONE, int(next_cursor), removed, {_text(s) for s in live})
+        return Page(STANDALONE, int(next_cursor), removed, {_text(s) for s in live}, int(total))
 
     def _client_page(
         self,
@@ -282,6 +340,7 @@ class ValkeyStore:
             page.removed = {sid: len(ks) for sid, ks in doomed.items()}
         else:
             page.removed = self._unlink_grouped(doomed)
+        page.total = sum(page.removed.values())
         return page
 
     def _unlink_grouped(self, doomed: dict[str, list[bytes]]) -> dict[str, int]:

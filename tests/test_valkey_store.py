@@ -1,0 +1,438 @@
+"""ValkeyStore against a real Valkey: exactly the selected sessions' keys go, nothing else.
+
+Every test runs twice: through the Lua page script (standalone) and through the client path
+(what cluster mode uses). Both must delete exactly the same keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+import pytest
+import redis
+from conftest import PREFIX, keys_of
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from session_gc.errors import StoreUnavailable
+from session_gc.ids import KeySpace
+from session_gc.stores.valkey import PAGE_SCRIPT, Page, ValkeyStore
+from session_gc_local import seed
+
+KEYS = KeySpace(PREFIX)
+MakeStore = Callable[..., ValkeyStore]
+
+
+@pytest.fixture(params=[True, False], ids=["script", "client"])
+def make_store(request: pytest.FixtureRequest, valkey: redis.Redis) -> MakeStore:
+    def make(**options: int) -> ValkeyStore:
+        return ValkeyStore(valkey, KEYS, use_script=request.param, **options)
+
+    return make
+
+
+def drain(pages: Iterable[Page]) -> tuple[Counter[str], set[str]]:
+    """Run a walk to the end; returns keys removed per session and every live session seen."""
+    removed: Counter[str] = Counter()
+    live: set[str] = set()
+    for page in pages:
+        removed.update(page.removed)
+        live |= page.live
+    return removed, live
+
+
+def write_neighbours(client: redis.Redis) -> set[str]:
+    """Everything that must survive collecting session ``abc``."""
+    keys = set(seed.write_bystanders(client, PREFIX, count=3))
+    for lookalike in ("abcd", "ab", "xabc", "abc.1", "abc-"):
+        keys |= set(seed.write_session(client, PREFIX, lookalike, live=False))
+    keys |= set(seed.write_session(client, PREFIX, "ab", live=False, tagged=True))
+    extra = [
+        "mosaic:channel:abc:cursor",
+        "mosaic:channel:{abc}:state",
+        "other:session:abc:meta",
+        "other:session:{abc}:meta",
+        "mosaic:sessions:abc",
+        "mosaic:session:abc",  # no separator after the id: not a session key
+        "mosaic:gc:lock",
+        "mosaic:gc:candidates",
+        "mosaic:gc:cursor:abc",
+        "Mosaic:session:abc:meta",
+    ]
+    for key in extra:
+        client.set(key, "keep")
+    return keys | set(extra)
+
+
+def test_pages_only_one_session_deletes_exactly_its_keys(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    doomed = set(seed.write_session(valkey, PREFIX, "abc", live=False))
+    doomed |= set(seed.write_session(valkey, PREFIX, "abc", live=False, tagged=True))
+    doomed |= {"mosaic:session:abc:history:2024:q1", "mosaic:session:{abc}:x:{y}"}
+    for key in ("mosaic:session:abc:history:2024:q1", "mosaic:session:{abc}:x:{y}"):
+        valkey.set(key, "1")
+    survivors = write_neighbours(valkey)
+    before = keys_of(valkey)
+    assert before == doomed | survivors
+    types = {valkey.type(k).decode() for k in doomed}
+    assert types == {"string", "hash", "list", "set", "stream"}
+
+    removed, live = drain(make_store().pages(only=frozenset({"abc"})))
+
+    assert removed == {"abc": len(doomed)}
+    assert live == set()
+    assert keys_of(valkey) == survivors
+
+
+@pytest.mark.parametrize("tagged_heartbeat", [False, True], ids=["plain", "tagged"])
+def test_pages_spare_live_keeps_a_session_with_a_heartbeat(
+    make_store: MakeStore, valkey: redis.Redis, tagged_heartbeat: bool
+) -> None:
+    # The heartbeat may be spelled either way; the session's other keys use both spellings.
+    seed.write_session(valkey, PREFIX, "abc", live=False)
+    seed.write_session(valkey, PREFIX, "abc", live=False, tagged=True)
+    heartbeat = KEYS.heartbeat_keys("abc")[1 if tagged_heartbeat else 0]
+    valkey.set(heartbeat, "1", ex=120)
+    write_neighbours(valkey)
+    before = keys_of(valkey)
+
+    removed, live = drain(make_store().pages(only=frozenset({"abc"}), spare_live=True))
+
+    assert removed == {}
+    assert live == {"abc"}
+    assert keys_of(valkey) == before
+
+
+def test_pages_without_spare_live_deletes_a_live_session(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    doomed = set(seed.write_session(valkey, PREFIX, "abc", live=True))
+    doomed |= set(seed.write_session(valkey, PREFIX, "abc", live=True, tagged=True))
+    survivors = write_neighbours(valkey)
+
+    removed, live = drain(make_store().pages(only=frozenset({"abc"}), spare_live=False))
+
+    assert removed == {"abc": len(doomed)}
+    assert live == set()
+    assert keys_of(valkey) == survivors
+
+
+def seed_mixed(client: redis.Redis) -> tuple[dict[str, set[str]], set[str]]:
+    """Dead sessions (returned with their keys), plus live sessions and bystanders."""
+    dead = {
+        sid: set(seed.write_session(client, PREFIX, sid, live=False, tagged=i % 2 == 1))
+        for i, sid in enumerate(seed.session_ids(6, label="dead"))
+    }
+    kept = set(seed.write_bystanders(client, PREFIX, count=3))
+    for i, sid in enumerate(seed.session_ids(4, label="live")):
+        kept |= set(seed.write_session(client, PREFIX, sid, live=True, tagged=i % 2 == 1))
+    return dead, kept
+
+
+def test_pages_all_sessions_deletes_every_dead_session_and_nothing_else(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    dead, kept = seed_mixed(valkey)
+
+    removed, live = drain(make_store(scan_count=20).pages(only=None))
+
+    assert removed == {sid: len(keys) for sid, keys in dead.items()}
+    assert live == set(seed.session_ids(4, label="live"))
+    assert keys_of(valkey) == kept
+
+
+def test_pages_dry_run_counts_like_a_real_run_and_changes_nothing(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    dead, _ = seed_mixed(valkey)
+    before, size = keys_of(valkey), valkey.dbsize()
+
+    removed, live = drain(make_store(scan_count=20).pages(dry_run=True))
+
+    assert removed == {sid: len(keys) for sid, keys in dead.items()}
+    assert live == set(seed.session_ids(4, label="live"))
+    assert valkey.dbsize() == size
+    assert keys_of(valkey) == before
+
+
+def test_pages_never_delete_keys_whose_id_part_is_invalid(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    malformed = {
+        "mosaic:session:*:meta",
+        "mosaic:session:?:meta",
+        "mosaic:session:[a-z]:meta",
+        "mosaic:session:a b:x",
+        "mosaic:session::x",
+        "mosaic:session:{}:x",
+        "mosaic:session:{*}:x",
+        "mosaic:session:{abc:x",
+        "mosaic:session:{abc}x:meta",
+        "mosaic:session:{abc}}:x",
+        "mosaic:session:abc}:x",
+        "mosaic:session:{a{b}:x",
+        "mosaic:session:caf\u00e9:x",
+        "mosaic:session:a\\b:x",
+        "mosaic:session:" + "a" * 201 + ":x",
+    }
+    for key in malformed:
+        valkey.set(key, "keep")
+    doomed = set(seed.write_session(valkey, PREFIX, "abc", live=True))
+
+    removed, _ = drain(make_store().pages(only=None, spare_live=False))
+
+    assert removed == {"abc": len(doomed)}
+    assert keys_of(valkey) == malformed
+
+
+def reset_stats(client: redis.Redis) -> None:
+    # Load the script first: redis-py's first EVALSHA would fail with NOSCRIPT and count.
+    client.script_load(PAGE_SCRIPT)
+    client.config_resetstat()
+
+
+def command_stats(client: redis.Redis) -> dict[str, dict[str, float]]:
+    stats: dict[str, dict[str, float]] = client.info("commandstats")
+    return stats
+
+
+def test_pages_unlink_thousands_of_keys_in_bounded_batches(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    pipe = valkey.pipeline(transaction=False)
+    for i in range(3000):
+        pipe.set(f"mosaic:session:{{abc}}:turn:{i}" if i % 3 else f"mosaic:session:abc:{i}", i)
+    pipe.execute()
+    survivors = write_neighbours(valkey)
+    reset_stats(valkey)
+
+    removed, _ = drain(make_store(scan_count=100, unlink_batch=100).pages(only=frozenset({"abc"})))
+
+    stats = command_stats(valkey)
+    assert removed == {"abc": 3000}
+    assert keys_of(valkey) == survivors
+    assert stats["cmdstat_unlink"]["calls"] >= 30
+    for name, stat in stats.items():
+        assert stat.get("failed_calls", 0) == 0, name
+        assert stat.get("rejected_calls", 0) == 0, name
+
+
+def test_pages_with_unlink_batch_past_lua_unpack_limit_still_deletes_everything(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    # GC_UNLINK_BATCH allows 10,000; Lua's unpack() alone would fail past ~8,000 values.
+    pipe = valkey.pipeline(transaction=False)
+    for i in range(9000):
+        pipe.set(f"mosaic:session:abc:{i}", i)
+    pipe.execute()
+    survivors = write_neighbours(valkey)
+
+    store = make_store(scan_count=20_000, unlink_batch=10_000)
+    removed, _ = drain(store.pages(only=frozenset({"abc"})))
+
+    assert removed == {"abc": 9000}
+    assert keys_of(valkey) == survivors
+
+
+def test_pages_with_empty_selection_sends_no_command(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    seed.write_session(valkey, PREFIX, "abc", live=False)
+    before = keys_of(valkey)
+    reset_stats(valkey)
+
+    pages = list(make_store().pages(only=frozenset()))
+
+    stats = command_stats(valkey)
+    assert pages == []
+    assert "cmdstat_unlink" not in stats
+    assert "cmdstat_scan" not in stats
+    assert keys_of(valkey) == before
+
+
+def test_pages_resume_from_a_saved_cursor_finishes_the_session(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    pipe = valkey.pipeline(transaction=False)
+    for i in range(400):
+        pipe.set(f"mosaic:session:abc:{i}", i)
+    pipe.execute()
+    survivors = write_neighbours(valkey)
+    store = make_store(scan_count=10)
+
+    walk = store.pages(only=frozenset({"abc"}))
+    first = next(walk)
+    walk.close()
+    left = {k for k in keys_of(valkey) if k.startswith("mosaic:session:abc:")}
+    assert first.cursor != 0
+    assert len(left) == 400 - first.removed.get("abc", 0) > 0
+
+    removed, _ = drain(store.pages(only=frozenset({"abc"}), start={first.node: first.cursor}))
+
+    assert removed == {"abc": len(left)}
+    assert keys_of(valkey) == survivors
+
+
+def test_pages_skip_a_node_marked_finished(make_store: MakeStore, valkey: redis.Redis) -> None:
+    seed.write_session(valkey, PREFIX, "abc", live=False)
+    before = keys_of(valkey)
+    store = make_store()
+
+    pages = list(store.pages(start={node: -1 for node in store.nodes()}))
+
+    assert pages == []
+    assert keys_of(valkey) == before
+
+
+def test_live_sessions_returns_exactly_the_ids_with_a_heartbeat(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    seed.write_session(valkey, PREFIX, "plain-live", live=True)
+    seed.write_session(valkey, PREFIX, "tagged-live", live=True, tagged=True)
+    seed.write_session(valkey, PREFIX, "dead", live=False)
+    seed.write_session(valkey, PREFIX, "live", live=False)  # prefix of both live ids
+    valkey.set("other:session:foreign:heartbeat", "1")
+    valkey.set("mosaic:channel:chan:heartbeat", "1")
+
+    live = make_store().live_sessions(
+        ["plain-live", "tagged-live", "dead", "live", "foreign", "chan", "missing", "plain-live"]
+    )
+
+    assert live == {"plain-live", "tagged-live"}
+    assert make_store().live_sessions([]) == set()
+
+
+# -- property: random keyspaces ------------------------------------------------------------
+
+# A small alphabet makes ids that are prefixes of each other (a, ab, a.b, a-).
+ids = st.text(alphabet="ab.-_@", min_size=1, max_size=3)
+parts = st.sampled_from(["meta", "history", "ctx:1", "{x}", "tools:{y}:z", ""])
+kinds = st.sampled_from(["string", "hash", "list", "set", "stream"])
+sessions = st.dictionaries(
+    ids,
+    st.tuples(
+        st.booleans(),  # live
+        # (part, tagged?) -> key type
+        st.dictionaries(st.tuples(parts, st.booleans()), kinds, min_size=1, max_size=4),
+    ),
+    max_size=6,
+)
+# Keys under the session root that may or may not parse: near misses of both spellings
+# ({a}x:meta, a}:meta, {*}:meta, ...) and character soup. The parser must agree either way.
+near_miss = st.tuples(
+    st.sampled_from(["", "{"]),
+    ids | st.sampled_from(["", "*", "a b", "a?", "\u00e9"]),
+    st.sampled_from(["", "}", "}}"]),
+    st.sampled_from(["", "x", "{"]),
+    st.sampled_from([":", "", "}:"]),
+    parts,
+).map("".join)
+soup = st.lists(st.sampled_from(["a", "{", "}", ":", "*", " ", "\\", "\u00e9"]), max_size=6)
+bad_id = st.builds(
+    "{1}{0}{2}:{3}".format,
+    st.sampled_from(["*", "a*", "a b", "a?", "[ab]", "a\\b", "\u00e9", "", "a\x00"]),
+    st.sampled_from(["", "{"]),
+    st.sampled_from(["", "}"]),
+    parts,
+)
+junk = st.lists(bad_id | near_miss | soup.map("".join), max_size=8)
+bystanders = st.lists(
+    st.tuples(
+        st.sampled_from(["mosaic:channel:{}:c", "other:session:{}:meta", "mosaic:sessions:{}"]),
+        ids,
+    ),
+    max_size=4,
+)
+
+
+def write_key(client: redis.Redis, key: str, kind: str) -> None:
+    if kind == "string":
+        client.set(key, "v")
+    elif kind == "hash":
+        client.hset(key, "f", "v")
+    elif kind == "list":
+        client.rpush(key, "v")
+    elif kind == "set":
+        client.sadd(key, "v")
+    else:
+        client.xadd(key, {"f": "v"})
+
+
+def expected_doomed(keys: set[str], only: frozenset[str] | None) -> set[str]:
+    """The oracle: keys of selected sessions none of whose heartbeat spellings exist."""
+    live = {sid for k in keys if (sid := KEYS.session_of(k)) and k in KEYS.heartbeat_keys(sid)}
+    return {
+        k
+        for k in keys
+        if (sid := KEYS.session_of(k)) is not None
+        and (only is None or sid in only)
+        and sid not in live
+    }
+
+
+@hsettings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    sessions=sessions,
+    junk=junk,
+    bystanders=bystanders,
+    pick=st.data(),
+    scan_count=st.sampled_from([10, 1000]),
+    unlink_batch=st.sampled_from([1, 3, 500]),
+)
+def test_pages_on_random_keyspace_delete_exactly_the_selected_dead_sessions(
+    make_store: MakeStore,
+    valkey: redis.Redis,
+    sessions: dict[str, tuple[bool, dict[tuple[str, bool], str]]],
+    junk: list[str],
+    bystanders: list[tuple[str, str]],
+    pick: st.DataObject,
+    scan_count: int,
+    unlink_batch: int,
+) -> None:
+    valkey.flushdb()
+    for sid, (live, session_keys) in sessions.items():
+        for (part, tagged), kind in session_keys.items():
+            root = f"mosaic:session:{{{sid}}}:" if tagged else f"mosaic:session:{sid}:"
+            write_key(valkey, root + part, kind)
+        if live:
+            valkey.set(KEYS.heartbeat_keys(sid)[pick.draw(st.integers(0, 1))], "1", ex=120)
+    for text in junk:
+        valkey.set(f"mosaic:session:{text}", "j")
+    for template, sid in bystanders:
+        valkey.set(template.format(sid), "b")
+    only = pick.draw(st.none() | st.frozensets(st.sampled_from([*sessions, "zz"])), label="only")
+    before = keys_of(valkey)
+    doomed = expected_doomed(before, only)
+
+    store = make_store(scan_count=scan_count, unlink_batch=unlink_batch)
+    removed, _ = drain(store.pages(only=only))
+
+    assert keys_of(valkey) == before - doomed
+    assert removed == Counter(KEYS.session_of(k) for k in doomed)
+
+
+# -- an unreachable server -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_script", [True, False], ids=["script", "client"])
+def test_unreachable_server_raises_store_unavailable_naming_the_step(use_script: bool) -> None:
+    store = ValkeyStore.connect(
+        "redis://127.0.0.1:1/0", KEYS, connect_timeout_s=0.5, use_script=use_script
+    )
+    started = time.monotonic()
+
+    with pytest.raises(StoreUnavailable, match="scan a page of session keys"):
+        list(store.pages(only=frozenset({"abc"})))
+    with pytest.raises(StoreUnavailable, match="check heartbeats"):
+        store.live_sessions(["abc"])
+
+    assert time.monotonic() - started < 3
+    store.close()
