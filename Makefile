@@ -29,6 +29,7 @@ typecheck: $(STAMP)
 	for handler in functions/*/app.py; do $(BIN)/mypy --strict "$$handler" || exit 1; done
 
 unit: $(STAMP)
+	bash scripts/install-tls-server.sh
 	$(BIN)/pytest
 
 bench: $(STAMP)

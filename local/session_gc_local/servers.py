@@ -517,6 +517,17 @@ def _make_tls_files_with_openssl(files: TlsFiles) -> None:
     files.key_file.chmod(0o600)
 
 
+def tls_server_binary() -> Path | None:
+    """A server binary built with TLS: the shipped one if it is, else an installed
+    valkey-server or redis-server (scripts/install-tls-server.sh provides one in CI)."""
+    candidates = [valkey_server_binary()]
+    candidates += [Path(p) for p in map(shutil.which, ("valkey-server", "redis-server")) if p]
+    for binary in candidates:
+        if valkey_supports_tls(binary):
+            return binary
+    return None
+
+
 def start_valkey_tls(workdir: Path, *, binary: Path | None = None) -> RunningTlsServer:
     """Valkey serving TLS only, with a certificate from a throwaway CA in `workdir`.
 

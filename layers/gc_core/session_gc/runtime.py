@@ -8,8 +8,10 @@ stores or settings.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
@@ -67,6 +69,7 @@ class Runtime:
             self.keys,
             cluster=s.valkey_cluster,
             password=self._valkey_password(),
+            ca_file=s.valkey_ca_file,
             connect_timeout_s=s.connect_timeout_s,
             scan_count=s.scan_count,
             unlink_batch=s.unlink_batch,
@@ -76,15 +79,22 @@ class Runtime:
     def logs(self) -> LogStore:
         s = self.settings
         target: DatabaseTarget | Callable[[], DatabaseTarget]
-        if s.database_target is not None:
-            target = s.database_target
-        else:
+        if s.database_secret_arn:
+            # Resolved at first connect (and again after a reconnect, so a rotated password
+            # is picked up once the cache expires).
             target = self._database_target_from_secret
+        else:
+            assert s.database_target is not None, "load_settings requires one of the two"
+            target = s.database_target
+        ssl_context = None
+        if s.database_ca_file:
+            ssl_context = ssl.create_default_context(cafile=s.database_ca_file)
         return LogStore(
             target,
             batch_size=s.log_batch_size,
             statement_timeout_ms=s.statement_timeout_ms,
             connect_timeout_s=s.connect_timeout_s,
+            ssl_context=ssl_context,
         )
 
     @cached_property
@@ -96,6 +106,7 @@ class Runtime:
             prefix=s.job_queue_prefix,
             password=self._valkey_password(),
             cluster=s.valkey_cluster,
+            ca_file=s.valkey_ca_file,
         )
 
     @cached_property
@@ -134,22 +145,33 @@ class Runtime:
         )
 
     def _database_target_from_secret(self) -> DatabaseTarget:
+        """Login from the secret; where from DATABASE_URL when set, else from the secret.
+
+        An RDS-managed master secret holds only username and password, so the endpoint
+        comes from DATABASE_URL (without credentials); a full RDS-style secret also carries
+        host, port and dbname.
+        """
         arn = self.settings.database_secret_arn
-        assert arn, "load_settings guarantees DATABASE_URL or DATABASE_SECRET_ARN"
+        assert arn, "only called when DATABASE_SECRET_ARN is set"
+        endpoint = self.settings.database_target
         try:
             secret = json.loads(_get_secret(arn))
+            if endpoint is not None:
+                return replace(endpoint, user=secret["username"], password=secret["password"])
             return DatabaseTarget(
                 user=secret["username"],
                 password=secret["password"],
                 host=secret["host"],
                 port=int(secret.get("port", 5432)),
                 database=secret.get("dbname") or "postgres",
+                # RDS speaks TLS; a secret that names no mode still gets a verified one.
                 sslmode=secret.get("sslmode", "verify-full"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(
-                "DATABASE_SECRET_ARN: the secret is not an RDS-style JSON secret with "
-                f"username, password and host ({type(exc).__name__}: {exc})"
+                "DATABASE_SECRET_ARN: the secret is not JSON with username and password "
+                "(and host, when DATABASE_URL does not say where the database is) "
+                f"({type(exc).__name__}: {exc})"
             ) from None
 
 

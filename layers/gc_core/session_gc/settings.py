@@ -64,6 +64,11 @@ class Settings:
     log_batch_size: int = 5000
     statement_timeout_ms: int = 30_000
     connect_timeout_s: float = 5.0
+    # CA bundles for TLS; unset means the system trust store. TLS is never optional once
+    # asked for: a rediss:// URL or a verifying sslmode fails closed when the peer cannot
+    # be verified.
+    valkey_ca_file: str | None = None
+    database_ca_file: str | None = None
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -167,6 +172,15 @@ def _temp_store_url(name: str, raw: str) -> str | None:
     raise ConfigError(f"{name} must be s3://bucket/prefix or file:///absolute/dir, got {url!r}")
 
 
+def _ca_file(name: str, raw: str) -> str | None:
+    path = raw.strip()
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise ConfigError(f"{name} names {path!r}, which is not a readable file")
+    return path
+
+
 def _name(name: str, raw: str) -> str:
     value = raw.strip()
     if not value or any(ch.isspace() for ch in value):
@@ -191,6 +205,8 @@ ENV.update(
         "TEMP_STORE_URL": ("temp_store_url", _temp_store_url),
         "COLLECT_QUEUE_URL": ("collect_queue_url", _optional),
         "DRY_RUN": ("dry_run", _parse_bool),
+        "VALKEY_CA_FILE": ("valkey_ca_file", _ca_file),
+        "DATABASE_CA_FILE": ("database_ca_file", _ca_file),
         "GC_SCAN_COUNT": ("scan_count", _number(int, 10, 100_000)),
         "GC_UNLINK_BATCH": ("unlink_batch", _number(int, 1, 10_000)),
         "GC_LOG_BATCH_SIZE": ("log_batch_size", _number(int, 1, 1_000_000)),

@@ -30,6 +30,7 @@ class JobStore:
         prefix: str = "bull",
         password: str | None = None,
         cluster: bool = False,
+        ca_file: str | None = None,
         chunk: int = 1000,
         connect_timeout_s: float = 5.0,
     ) -> None:
@@ -38,6 +39,7 @@ class JobStore:
         self.prefix = prefix
         self.password = password
         self.cluster = cluster
+        self.ca_file = ca_file
         # Each clean call runs one Lua script on the server; a capped limit keeps every call
         # short (about a millisecond per hundred jobs) however many jobs have piled up.
         self.chunk = chunk
@@ -88,6 +90,8 @@ class JobStore:
             options["password"] = self.password
         if self.url.startswith("rediss://"):
             options["ssl_cert_reqs"] = "required"
+            if self.ca_file:
+                options["ssl_ca_certs"] = self.ca_file
         if self.cluster:
             return redis.asyncio.RedisCluster.from_url(self.url, **options)
         return redis.asyncio.Redis.from_url(self.url, **options)
