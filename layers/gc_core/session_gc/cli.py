@@ -143,6 +143,7 @@ def _run(args: argparse.Namespace) -> tuple[Any, int]:
     if args.command == "schema":
         return _schema(args.apply)
     rt = Runtime.from_env()
+    progress = _progress_bar(rt)
     try:
         if args.command == "collect":
             from session_gc.collect import collect_sessions
@@ -165,6 +166,8 @@ def _run(args: argparse.Namespace) -> tuple[Any, int]:
         done = full_gc(rt, dry_run=args.dry_run, force=args.force)
         return done.to_json(), EXIT_NOT_ACTED if done.stopped else EXIT_OK
     finally:
+        if progress is not None:
+            progress.close()
         rt.close()
 
 
@@ -183,6 +186,27 @@ def _schema(apply: bool) -> tuple[str, int]:
         raise ConfigError("schema --apply needs DATABASE_URL")
     LogStore(target).apply_schema()
     return "schema applied", EXIT_OK
+
+
+def _progress_bar(rt: Any) -> Any:
+    """A live count of pages walked and keys collected, on a terminal only (tqdm)."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the layer does not ship tqdm; the CLI works without it
+        return None
+    bar = tqdm(desc="valkey", unit=" pages", file=sys.stderr, leave=False)
+    keys = 0
+
+    def on_page(page: Any) -> None:
+        nonlocal keys
+        keys += page.total
+        bar.update(1)
+        bar.set_postfix(keys=keys, refresh=False)
+
+    rt.valkey.on_page = on_page
+    return bar
 
 
 def _logs_to_stderr(level: int) -> None:

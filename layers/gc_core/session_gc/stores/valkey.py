@@ -13,7 +13,7 @@ Two ways to work through one SCAN page, with the same meaning:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -179,6 +179,8 @@ class ValkeyStore:
         if self.use_script and self.cluster:
             raise ValueError("the page script cannot run against a cluster")
         self._script = self.client.register_script(PAGE_SCRIPT) if self.use_script else None
+        # Told about every page as it is done (the CLI's progress display listens here).
+        self.on_page: Callable[[Page], None] | None = None
 
     @classmethod
     def connect(
@@ -274,6 +276,8 @@ class ValkeyStore:
                     page = self._script_page(cursor, only, spare_live, dry_run, per_session)
                 else:
                     page = self._client_page(node, cursor, only, spare_live, dry_run)
+                if self.on_page is not None:
+                    self.on_page(page)
                 yield page
                 cursor = page.cursor
                 if cursor == 0:
