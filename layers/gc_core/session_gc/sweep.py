@@ -79,6 +79,8 @@ def _sweep(
     new = dead - first_seen.keys()
     # Entries whose session has no keys left are dropped, so the list cannot grow without
     # bound; only a pass over the whole keyspace can tell that a session is gone.
+    # NOTE: a pass split over several invocations (resumed from a cursor) prunes nothing,
+    # so a keyspace too large for one invocation keeps its stale entries until one fits.
     gone = set()
     if whole_keyspace and result.complete:
         gone = first_seen.keys() - dead - live
