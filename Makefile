@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-checkov .venv-sam .aws-sam .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 # --- Tools with virtualenvs of their own ----------------------------------------------------
 # checkov and aws-sam-cli pin many packages that would fight the dev dependencies, so each

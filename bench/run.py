@@ -14,6 +14,7 @@ BENCHMARKS.md, and ends with one `bench: ...` summary line for scripts.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -44,7 +45,11 @@ WALK_SAMPLE = 20  # sessions timed for the one-walk-per-session baseline
 LOAD_SCRIPT = """
 local p = ARGV[1]
 for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
-  local root = p .. ':session:bench-' .. i .. ':'
+  -- Session ids shaped like the platform's (UUIDs), derived from i so runs repeat.
+  local h = redis.sha1hex('bench-' .. i)
+  local sid = string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-' .. string.sub(h, 13, 16)
+      .. '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21, 32)
+  local root = p .. ':session:' .. sid .. ':'
   redis.call('SET', root .. 'meta', 'model=gpt-x;turns=7')
   redis.call('HSET', root .. 'state', 'user', 'u' .. i, 'step', '3', 'lang', 'en')
   redis.call('RPUSH', root .. 'history', 'hello', 'hi there', 'summarise this')
@@ -61,6 +66,12 @@ return 0
 
 
 # -- servers and data ------------------------------------------------------------------------
+
+
+def bench_id(i: int) -> str:
+    """The id LOAD_SCRIPT gives session i."""
+    h = hashlib.sha1(f"bench-{i}".encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 def load_keyspace(url: str) -> int:
@@ -105,7 +116,8 @@ def load_logs(conn: Any) -> None:
     conn.run(
         "INSERT INTO agent_logs (session_id, tier, created_at, message) "
         "SELECT 'bench-' || (g % 100000), "
-        "  CASE WHEN g > :old OR (CAST(g AS bigint) * :hot) % :old < :hot THEN 'hot' ELSE 'warm' END, "
+        "  CASE WHEN g > :old OR (CAST(g AS bigint) * :hot) % :old < :hot "
+        "       THEN 'hot' ELSE 'warm' END, "
         "  CASE WHEN g <= :old THEN now() - interval '72 hours' + g * (interval '46 hours' / :old) "
         "       ELSE now() - interval '22 hours' + (g - :old) * (interval '22 hours' / :n) END, "
         "  'turn ' || g "
@@ -149,7 +161,7 @@ def worker(kind: str, valkey_url: str, database_url: str, extra: str) -> dict[st
         from session_gc_local.seed import session_bodies, sqs_event
 
         handler = load_handler("collect")
-        ids = [f"bench-{i}" for i in range(COLLECT_SESSIONS)]
+        ids = [bench_id(i) for i in range(COLLECT_SESSIONS)]
         failures = 0
         for i in range(0, len(ids), SQS_BATCH):
             event = sqs_event(session_bodies(ids[i : i + SQS_BATCH]))
@@ -164,7 +176,8 @@ def worker(kind: str, valkey_url: str, database_url: str, extra: str) -> dict[st
         removed = 0
         base = int(extra)
         for i in range(base, base + WALK_SAMPLE):
-            batch = list(client.scan_iter(match=f"{PREFIX}:session:bench-{i}:*", count=1000))
+            pattern = f"{PREFIX}:session:{bench_id(i)}:*"
+            batch = list(client.scan_iter(match=pattern, count=1000))
             if batch:
                 removed += int(client.unlink(*batch))
         out["sessions"] = WALK_SAMPLE

@@ -5,11 +5,12 @@
 - Every compiled module in the layer is built for the functions' architecture and python3.13.
 - Each function's handler imports in a bare python3.13 (``-I -S``) whose ``sys.path`` holds
   only the built function folder and the layers' ``python/`` folders (Lambda's ``/var/task``
-  and ``/opt/python``), without opening a single network connection.
+  and ``/opt/python``), without opening a single network connection; so do the modules the
+  core imports only on first use (boto3 and friends).
 
 Compiled modules (hiredis, msgpack, wrapt) built for aarch64 cannot load on an x86_64 host:
-there the import runs their pure-Python fallbacks, and this says so. On an arm64 host each
-compiled module must import as well.
+there the import runs without them (redis-py, msgpack and wrapt fall back to pure Python), and
+this says so. On a host of the functions' architecture each compiled module must import too.
 
 Usage: ``python scripts/sam_build_check.py [--build-dir DIR] [--python PATH]``. Exit status 0
 when every check passes; each problem is printed on a line of its own.
@@ -18,6 +19,7 @@ when every check passes; each problem is printed on a line of its own.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -60,6 +62,12 @@ try:
     reply["handler"] = callable(getattr(module, request["function"], None))
 except BaseException as exc:
     reply["error"] = f"{type(exc).__name__}: {exc}"
+reply["deferred"] = {}
+for statement in request["deferred"] if "error" not in reply else []:
+    try:
+        exec(statement, {})
+    except BaseException as exc:
+        reply["deferred"][statement] = f"{type(exc).__name__}: {exc}"
 for name in request["extensions"]:
     try:
         importlib.import_module(name)
@@ -91,7 +99,7 @@ def load_build(
     build_dir: Path = BUILD_DIR, source_template: Path = ROOT / "template.yaml"
 ) -> Build:
     """Read the built template: where each layer and function landed, and what it came from."""
-    from cfnlint.decode.cfn_yaml import load
+    from cfnlint.decode.cfn_yaml import load  # type: ignore[import-untyped]
 
     built: dict[str, Any] = load(str(build_dir / "template.yaml"))
     source: dict[str, Any] = load(str(source_template))
@@ -155,12 +163,31 @@ def extension_modules(layer: Path) -> dict[str, Path]:
     return found
 
 
+def deferred_imports(layer: Path) -> list[str]:
+    """Import statements the core runs inside functions (on first use, not at cold start).
+
+    The operator CLI (cli.py) is left out: Lambda never runs it, and its extras are dev-only.
+    """
+    statements: set[str] = set()
+    for path in sorted((layer / "python" / "session_gc").rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                statements.update(
+                    ast.unparse(inner)
+                    for inner in ast.walk(node)
+                    if isinstance(inner, ast.Import | ast.ImportFrom)
+                    and not getattr(inner, "level", 0)
+                )
+    return sorted(statements)
+
+
 def _elf_machine(path: Path) -> int | None:
     header = path.read_bytes()[:20]
     if header[:4] != b"\x7fELF":
         return None
-    byteorder = "little" if header[5] == 1 else "big"
-    return int.from_bytes(header[18:20], byteorder)
+    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
 
 
 def extension_problems(layer: Path, architecture: str) -> list[str]:
@@ -177,7 +204,14 @@ def extension_problems(layer: Path, architecture: str) -> list[str]:
 
 def find_python(explicit: str | None = None) -> str:
     """The real path of a python3.13 interpreter (pyenv shims resolved, so env can be bare)."""
-    candidates = [explicit, os.environ.get("SAM_CHECK_PYTHON"), shutil.which(RUNTIME)]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", "~/.pyenv")).expanduser()
+    candidates = [
+        explicit,
+        os.environ.get("SAM_CHECK_PYTHON"),
+        shutil.which(RUNTIME),
+        # pyenv's shim answers only where 3.13 is the selected version; the binary always does.
+        *map(str, sorted(pyenv_root.glob(f"versions/3.13*/bin/{RUNTIME}"))),
+    ]
     for candidate in filter(None, candidates):
         try:
             reply = subprocess.run(  # noqa: S603 - our own interpreter, fixed arguments
@@ -192,8 +226,8 @@ def find_python(explicit: str | None = None) -> str:
         if reply[1:] == ["3", "13"]:
             return reply[0]
     raise LookupError(
-        f"no {RUNTIME} interpreter found (tried {candidates}); set SAM_CHECK_PYTHON, or "
-        "PYENV_VERSION=3.13.0 where pyenv provides it"
+        f"no {RUNTIME} interpreter found (tried {[c for c in candidates if c]}); "
+        "set SAM_CHECK_PYTHON to one"
     )
 
 
@@ -208,6 +242,7 @@ def import_problems(build: Build, function: Function, python: str) -> tuple[list
         "path": [str(function.built), *(str(layer / "python") for layer in layers)],
         "module": module,
         "function": attribute,
+        "deferred": sorted({name for layer in layers for name in deferred_imports(layer)}),
         "extensions": compiled if same_machine else [],
     }
     completed = subprocess.run(  # noqa: S603 - our own interpreter, fixed arguments
@@ -231,6 +266,10 @@ def import_problems(build: Build, function: Function, python: str) -> tuple[list
         problems.append(f"{label}: import failed: {reply['error']}")
     elif not reply["handler"]:
         problems.append(f"{label}: module {module!r} has no callable {attribute!r}")
+    problems += [
+        f"{label}: {statement!r} (run on first use) fails: {error}"
+        for statement, error in reply["deferred"].items()
+    ]
     problems += [f"{label}: opened the network at import: {call}" for call in reply["network"]]
     problems += [
         f"{label}: compiled module {name} does not load: {error}"
@@ -241,8 +280,8 @@ def import_problems(build: Build, function: Function, python: str) -> tuple[list
     if compiled and not same_machine:
         notes.append(
             f"{label}: compiled modules {', '.join(compiled)} are {function.architecture} and "
-            f"cannot load on this {platform.machine()} host; the import used their "
-            "pure-Python fallbacks"
+            f"cannot load on this {platform.machine()} host; the import ran without them "
+            "(their importers fall back to pure Python)"
         )
     return problems, notes
 
