@@ -411,12 +411,14 @@ EXPECTED_GRANTS = {
         | {"secretsmanager:GetSecretValue": {DB_SECRET, VALKEY_SECRET}}
         | DECRYPT
         | TEMP,
-        # The sweep only fans out: Valkey (and its AUTH secret) plus the collect queue.
+        # The sweep only fans out: Valkey (and its AUTH secret), the collect queue, and a
+        # listing of the temp folders to find orphans.
         "sweep": PLATFORM
         | own_logs("SweepLogGroup")
         | {"sqs:SendMessage": {QUEUE}}
         | {"secretsmanager:GetSecretValue": {VALKEY_SECRET}}
-        | DECRYPT,
+        | DECRYPT
+        | {"s3:ListBucket": {BUCKET}},
         "full_gc": PLATFORM
         | own_logs("FullGcLogGroup")
         | {"secretsmanager:GetSecretValue": {DB_SECRET, VALKEY_SECRET}}
@@ -575,7 +577,7 @@ def test_secrets_key_decrypts_only_through_secrets_manager_for_secret_readers(
 def test_temp_file_listing_and_deletion_stay_under_the_temp_prefix(cfn: Json) -> None:
     view = deployed(cfn, EVERY_OPTION)
 
-    for folder in ("collect", "full_gc"):
+    for folder in ("collect", "sweep", "full_gc"):
         role_name = functions(view)[folder][1]["Role"]["Fn::GetAtt"][0]
         [listing] = [s for s in role_statements(view, role_name) if s["Action"] == "s3:ListBucket"]
         assert listing["Condition"] == {"StringLike": {"s3:prefix": {"Fn::Sub": "${TempPrefix}/*"}}}

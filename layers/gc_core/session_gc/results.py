@@ -56,6 +56,7 @@ class SweepResult:
     due: list[str] = field(default_factory=list)
     kept_live: list[str] = field(default_factory=list)
     enqueued: int = 0
+    jobs_purged: int = 0
     complete: bool = True
     # Set when the run did not delete: "locked", "blast-radius: ...".
     stopped: str | None = None
@@ -66,6 +67,7 @@ class SweepResult:
             "totalCleaned": [r.to_json() for r in self.total_cleaned],
             "duration": self.duration_ms,
             "dryRun": self.dry_run,
+            "jobsPurged": self.jobs_purged,
             "sessionsSeen": self.sessions_seen,
             "liveSessions": self.live_sessions,
             "candidates": {

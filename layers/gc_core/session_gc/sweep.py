@@ -32,6 +32,8 @@ OVERRIDE_BLAST_RADIUS = "blast-radius"
 # SendMessageBatch takes at most 10 entries; a failed entry is retried this many times.
 SQS_BATCH = 10
 SQS_ATTEMPTS = 3
+# How many orphan temp folders share one heartbeat round trip.
+TEMP_LIVENESS_CHUNK = 500
 
 
 def sweep(
@@ -50,6 +52,8 @@ def sweep(
             result.stopped = "locked"
             return result
         _sweep(rt, result, dry_run=dry_run, override=override, deadline=deadline)
+        # Finished jobs age out by time alone, whatever the guards said about sessions.
+        _purge_jobs(rt, result, dry_run=dry_run, deadline=deadline)
     result.duration_ms = int((time.monotonic() - started) * 1000)
     logger.info(
         "sweep finished",
@@ -133,6 +137,8 @@ def _observe(
             break
     # A heartbeat seen on any page wins over a page that saw none.
     dead -= live
+    if result.complete and rt.temp is not None:
+        _observe_temp(rt, dead, live)
     result.sessions_seen = len(dead | live)
     result.live_sessions = len(live)
     logger.info("sweep observe finished", dead=len(dead), live=len(live), complete=result.complete)
@@ -142,6 +148,27 @@ def _observe(
         else:
             cursors.save({"valkey": positions})
     return dead, live, whole_keyspace
+
+
+def _observe_temp(rt: Runtime, dead: set[str], live: set[str]) -> None:
+    """Temp folders of sessions with no keys left are orphans too: they join the same
+    two-phase candidate list, judged by the same heartbeat."""
+    assert rt.temp is not None
+    unseen = [sid for sid in rt.temp.session_ids() if sid not in dead and sid not in live]
+    for i in range(0, len(unseen), TEMP_LIVENESS_CHUNK):
+        chunk = unseen[i : i + TEMP_LIVENESS_CHUNK]
+        alive = rt.valkey.live_sessions(chunk)
+        live |= alive
+        dead.update(sid for sid in chunk if sid not in alive)
+    logger.info("sweep observed temp folders", orphan_folders=len(unseen))
+
+
+def _purge_jobs(rt: Runtime, result: SweepResult, *, dry_run: bool, deadline: Deadline) -> None:
+    retention_ms = int(rt.settings.job_retention_hours * 3600 * 1000)
+    result.jobs_purged = rt.jobs.purge_finished(retention_ms, dry_run=dry_run, stop=deadline.passed)
+    if not dry_run:
+        metrics.add_metric("JobsPurged", MetricUnit.Count, result.jobs_purged)
+    logger.info("sweep jobs purged", jobs=result.jobs_purged, dry_run=dry_run)
 
 
 def _collect_due(rt: Runtime, result: SweepResult, due: list[str], now: float) -> None:

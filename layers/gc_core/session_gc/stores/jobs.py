@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio
@@ -45,16 +46,25 @@ class JobStore:
         self.chunk = chunk
         self.connect_timeout_s = connect_timeout_s
 
-    def purge_finished(self, retention_ms: int, *, dry_run: bool = False) -> int:
+    def purge_finished(
+        self,
+        retention_ms: int,
+        *,
+        dry_run: bool = False,
+        stop: Callable[[], bool] | None = None,
+    ) -> int:
         """Remove completed and failed jobs that finished more than ``retention_ms`` ago.
 
-        Returns the number removed (or, for a dry run, that would be). The handlers are
+        Returns the number removed (or, for a dry run, that would be). ``stop`` is asked
+        between chunks; a purge stopped early is simply run again later. The handlers are
         synchronous and bullmq is asyncio-only, so each call runs its own event loop with a
         client created inside it (a client reused across loops fails on a warm start).
         """
-        return asyncio.run(self._purge(max(0, int(retention_ms)), dry_run))
+        return asyncio.run(self._purge(max(0, int(retention_ms)), dry_run, stop))
 
-    async def _purge(self, retention_ms: int, dry_run: bool) -> int:
+    async def _purge(
+        self, retention_ms: int, dry_run: bool, stop: Callable[[], bool] | None
+    ) -> int:
         conn = self._client()
         queue = Queue(self.queue_name, {"connection": conn, "prefix": self.prefix})
         try:
@@ -70,7 +80,7 @@ class JobStore:
                 while True:
                     removed = await queue.clean(retention_ms, self.chunk, kind)
                     total += len(removed)
-                    if len(removed) < self.chunk:
+                    if len(removed) < self.chunk or (stop is not None and stop()):
                         break
             return total
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
