@@ -17,9 +17,10 @@ import redis
 
 from session_gc.observability import metrics
 from session_gc.runtime import Runtime
-from session_gc.settings import Settings, load_settings, parse_database_url
+from session_gc.settings import Settings, load_settings
 from session_gc_local import seed, servers
 from session_gc_local.invoke import LambdaContext, load_handler
+from session_gc_local.seed import connect_pg
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
 os.environ.setdefault("AWS_DEFAULT_REGION", "eu-west-1")
@@ -70,18 +71,6 @@ def _fresh_metrics() -> Iterator[None]:
     metrics.clear_metrics()
     yield
     metrics.clear_metrics()
-
-
-def connect_pg(url: str) -> pg8000.native.Connection:
-    target = parse_database_url(url)
-    return pg8000.native.Connection(
-        user=target.user,
-        password=target.password,
-        host=target.host or "localhost",
-        port=target.port,
-        database=target.database,
-        unix_sock=target.unix_sock,
-    )
 
 
 @pytest.fixture

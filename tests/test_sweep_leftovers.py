@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pg8000.native
+import pytest
 import redis
 from conftest import PREFIX, keys_of
 from test_jobs import job_counts
@@ -22,6 +23,17 @@ from session_gc_local import seed
 GRACE = 600
 
 
+@pytest.fixture
+def sweeper(
+    make_runtime: Callable[..., Runtime], pg: pg8000.native.Connection, tmp_path: Path
+) -> tuple[Runtime, Clock]:
+    """A runtime on a moveable clock with a directory temp store in tmp_path."""
+    clock = Clock()
+    rt = make_runtime(clock=clock, sweep_grace_seconds=GRACE)
+    rt.__dict__["temp"] = DirTempStore(tmp_path)
+    return rt, clock
+
+
 def _folder(root: Path, sid: str) -> Path:
     (root / sid / "uploads").mkdir(parents=True)
     (root / sid / "uploads" / "a.png").write_bytes(b"png")
@@ -30,16 +42,11 @@ def _folder(root: Path, sid: str) -> Path:
 
 
 def test_orphan_temp_folders_go_after_two_sweeps_and_live_ones_stay(
-    valkey: redis.Redis,
-    pg: pg8000.native.Connection,
-    make_runtime: Callable[..., Runtime],
-    tmp_path: Path,
+    valkey: redis.Redis, sweeper: tuple[Runtime, Clock], tmp_path: Path
 ) -> None:
     # GIVEN live sessions (keys + folder), a session with only a heartbeat and a folder,
     # and orphan folders whose sessions left no keys at all
-    clock = Clock()
-    rt = make_runtime(clock=clock, sweep_grace_seconds=GRACE)
-    rt.__dict__["temp"] = DirTempStore(tmp_path)
+    rt, clock = sweeper
     for i in range(8):
         seed.write_session(valkey, PREFIX, f"live{i}", live=True)
         _folder(tmp_path, f"live{i}")
@@ -74,14 +81,9 @@ def test_orphan_temp_folders_go_after_two_sweeps_and_live_ones_stay(
 
 
 def test_a_heartbeat_between_the_sweeps_saves_an_orphan_folder(
-    valkey: redis.Redis,
-    pg: pg8000.native.Connection,
-    make_runtime: Callable[..., Runtime],
-    tmp_path: Path,
+    valkey: redis.Redis, sweeper: tuple[Runtime, Clock], tmp_path: Path
 ) -> None:
-    clock = Clock()
-    rt = make_runtime(clock=clock, sweep_grace_seconds=GRACE)
-    rt.__dict__["temp"] = DirTempStore(tmp_path)
+    rt, clock = sweeper
     for i in range(4):
         seed.write_session(valkey, PREFIX, f"live{i}", live=True)
     folder = _folder(tmp_path, "back")

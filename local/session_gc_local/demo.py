@@ -23,7 +23,6 @@ import pg8000.native
 import redis
 
 from session_gc.observability import logger
-from session_gc.settings import parse_database_url
 from session_gc_local import seed
 from session_gc_local.invoke import REPO_ROOT, LambdaContext, load_handler
 from session_gc_local.servers import local_servers
@@ -53,7 +52,7 @@ def run_demo() -> int:
         with local_servers(work / "servers") as (valkey_server, pg_server):
             _configure_env(valkey_server.url, pg_server.url, work / "temp")
             client = redis.Redis.from_url(valkey_server.url)
-            conn = _pg(pg_server.url)
+            conn = seed.connect_pg(pg_server.url)
             try:
                 cast = _seed(client, conn, valkey_server.url, work / "temp")
                 before = _snapshot(client, conn, valkey_server.url, work / "temp", cast)
@@ -93,13 +92,6 @@ def _configure_env(valkey_url: str, database_url: str, temp_dir: Path) -> None:
     )
     for name in ("COLLECT_QUEUE_URL", "DATABASE_SECRET_ARN", "DRY_RUN"):
         os.environ.pop(name, None)
-
-
-def _pg(url: str) -> pg8000.native.Connection:
-    t = parse_database_url(url)
-    return pg8000.native.Connection(
-        user=t.user, password=t.password, database=t.database, unix_sock=t.unix_sock
-    )
 
 
 def _seed(client: redis.Redis, conn: pg8000.native.Connection, url: str, temp: Path) -> Cast:

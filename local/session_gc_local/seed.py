@@ -18,6 +18,7 @@ from typing import Any
 import pg8000.native
 import redis
 
+from session_gc.settings import parse_database_url
 from session_gc.stores.logs import schema_sql
 
 # Suffixes of one session's keys, by type (what an agent platform keeps per session).
@@ -68,6 +69,19 @@ def write_bystanders(client: redis.Redis, prefix: str, count: int = 20) -> list[
             keys.append(key)
     p.execute()
     return keys
+
+
+def connect_pg(url: str) -> pg8000.native.Connection:
+    """A plain pg8000 connection for seeding and inspecting (not the GC's own store)."""
+    target = parse_database_url(url)
+    return pg8000.native.Connection(
+        user=target.user,
+        password=target.password,
+        host=target.host or "localhost",
+        port=target.port,
+        database=target.database,
+        unix_sock=target.unix_sock,
+    )
 
 
 def apply_schema(conn: pg8000.native.Connection) -> None:
