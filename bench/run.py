@@ -143,6 +143,10 @@ def worker(kind: str, valkey_url: str, database_url: str, extra: str) -> dict[st
         rt = Runtime.from_env()
         result = full_gc(rt)
         out["keys"] = result.valkey_keys
+    elif kind == "shell":
+        # Measured from a process of its own, so RUSAGE_CHILDREN sees only the pipeline.
+        subprocess.run(["bash", "-c", extra], check=True)
+        out["rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     elif kind == "original":
         import redis
 
@@ -215,7 +219,7 @@ def worker(kind: str, valkey_url: str, database_url: str, extra: str) -> dict[st
     else:
         raise SystemExit(f"unknown worker {kind}")
     out["seconds"] = time.perf_counter() - started
-    out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.setdefault("rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
 
 
@@ -254,27 +258,20 @@ def probe(url: str, out_file: str) -> None:
     Path(out_file).write_text(json.dumps({"worst_ms": worst * 1000, "pings": pings}))
 
 
-def measured(args: list[str], valkey_url: str, *, shell: bool = False) -> dict[str, Any]:
+def measured(args: list[str], valkey_url: str) -> dict[str, Any]:
     """Run one GC variant in its own process with the probe alongside."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         probe_file = handle.name
     probe_proc = subprocess.Popen([sys.executable, __file__, "--probe", valkey_url, probe_file])
     time.sleep(0.3)
     try:
-        started = time.perf_counter()
-        if shell:
-            subprocess.run(args, check=True)
-            elapsed = time.perf_counter() - started
-            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-            result: dict[str, Any] = {"seconds": elapsed, "rss_mib": usage.ru_maxrss / 1024}
-        else:
-            done = subprocess.run(
-                [sys.executable, __file__, "--worker", *args],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     finally:
         probe_proc.send_signal(signal.SIGTERM)
         probe_proc.wait(10)
@@ -325,7 +322,7 @@ def main() -> int:
             f"{cli} -h {host} -p {port} --scan --pattern '{PREFIX}:session:*' "
             f"| xargs {cli} -h {host} -p {port} unlink > /dev/null"
         )
-        shell = measured(["bash", "-c", pipeline], valkey.url, shell=True)
+        shell = measured(["shell", valkey.url, pg.url, pipeline], valkey.url)
 
         print("(c) original design: SCAN COUNT 100 into one list, one DEL", flush=True)
         fresh_keyspace()
@@ -366,7 +363,7 @@ def main() -> int:
             f"{full['stall_ms']:.1f}",
         ),
         (
-            "(b) valkey-cli --scan | xargs unlink",
+            "(b) valkey-cli --scan, piped to xargs unlink",
             f"{shell['seconds']:.2f}s",
             rate(session_keys, shell["seconds"]),
             f"{shell['rss_mib']:.0f}",
