@@ -34,6 +34,8 @@ REVIEWED_SKIPS = {
     ("CKV_AWS_158", "AWS::Logs::LogGroup.CollectLogGroup"),
     ("CKV_AWS_158", "AWS::Logs::LogGroup.SweepLogGroup"),
     ("CKV_AWS_158", "AWS::Logs::LogGroup.FullGcLogGroup"),
+    ("CKV_AWS_18", "AWS::S3::Bucket.TempBucket"),
+    ("CKV_AWS_21", "AWS::S3::Bucket.TempBucket"),
 }
 
 
@@ -86,6 +88,7 @@ def test_checkov_checked_every_kind_of_resource_in_the_template(report: dict[str
         "AWS::IAM::ManagedPolicy",
         "AWS::SQS::Queue",
         "AWS::Logs::LogGroup",
+        "AWS::S3::Bucket",
     } <= checked
     assert report["summary"]["passed"] >= 25
 

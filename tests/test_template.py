@@ -243,8 +243,14 @@ def required_parameters() -> set[str]:
     return {name for name, spec in parameters.items() if "Default" not in spec}
 
 
-# prod's settings plus a customer-managed key: every optional part of the template is on.
-EVERY_OPTION = {**samconfig_overrides("prod"), "SecretsKmsKeyArn": KMS_KEY}
+# prod's settings plus a customer-managed key and a stack-managed temp bucket (expiring after
+# a non-default number of days): every optional part of the template is on.
+EVERY_OPTION = {
+    **samconfig_overrides("prod"),
+    "SecretsKmsKeyArn": KMS_KEY,
+    "ManageTempBucket": "true",
+    "TempFilesExpireDays": "3",
+}
 # Only what must be given: every optional part is off.
 NO_OPTION = {k: v for k, v in samconfig_overrides("prod").items() if k in required_parameters()}
 DEPLOYMENTS = {"every-option": EVERY_OPTION, "no-option": NO_OPTION}
@@ -299,11 +305,12 @@ def resolve(node: Any, truth: dict[str, bool]) -> Any:
 def deployed(cfn: Json, params: dict[str, str]) -> Json:
     truth = conditions(cfn, params)
     view: Json = resolve(cfn, truth)
-    view["Resources"] = {
-        name: res
-        for name, res in view["Resources"].items()
-        if "Condition" not in res or truth[res["Condition"]]
-    }
+    for section in ("Resources", "Outputs"):
+        view[section] = {
+            name: res
+            for name, res in view[section].items()
+            if "Condition" not in res or truth[res["Condition"]]
+        }
     return view
 
 
@@ -586,6 +593,129 @@ def test_temp_file_listing_and_deletion_stay_under_the_temp_prefix(cfn: Json) ->
     assert render({"Fn::Sub": TEMP_FILES}, cfn, EVERY_OPTION) == (
         "arn:aws:s3:::session-gc-prod-temp-123456789012/sessions/*"
     )
+
+
+# -- temp files bucket ---------------------------------------------------------------------------
+
+
+def temp_bucket(view: Json) -> tuple[str, Json]:
+    [(name, bucket)] = of_type(view, "AWS::S3::Bucket").items()
+    return name, bucket
+
+
+def lifecycle_rule(view: Json, params: dict[str, str]) -> Json:
+    """The managed bucket's one lifecycle rule, in the shape the S3 API (and the output) uses."""
+    _, bucket = temp_bucket(view)
+    [rule] = bucket["Properties"]["LifecycleConfiguration"]["Rules"]
+    assert rule.keys() == {
+        "Id",
+        "Status",
+        "Prefix",
+        "ExpirationInDays",
+        "AbortIncompleteMultipartUpload",
+        "NoncurrentVersionExpiration",
+    }
+    return {
+        "ID": rule["Id"],
+        "Status": rule["Status"],
+        "Filter": {"Prefix": render(rule["Prefix"], view, params)},
+        "Expiration": {"Days": int(render(rule["ExpirationInDays"], view, params))},
+        "AbortIncompleteMultipartUpload": rule["AbortIncompleteMultipartUpload"],
+        "NoncurrentVersionExpiration": rule["NoncurrentVersionExpiration"],
+    }
+
+
+def test_managed_temp_bucket_expires_the_temp_prefix_after_the_set_days(cfn: Json) -> None:
+    view = deployed(cfn, EVERY_OPTION)
+
+    _, bucket = temp_bucket(view)
+    assert render(bucket["Properties"]["BucketName"], view, EVERY_OPTION) == (
+        "session-gc-prod-temp-123456789012"
+    )
+    # The platform's files outlive the stack.
+    assert (bucket["DeletionPolicy"], bucket["UpdateReplacePolicy"]) == ("Retain", "Retain")
+    assert lifecycle_rule(view, EVERY_OPTION) == {
+        "ID": "expire-session-temp-files",
+        "Status": "Enabled",
+        "Filter": {"Prefix": "sessions/"},
+        "Expiration": {"Days": 3},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+        "NoncurrentVersionExpiration": {"NoncurrentDays": 1},
+    }
+
+
+def test_managed_temp_bucket_is_private_encrypted_and_without_acls(cfn: Json) -> None:
+    props = temp_bucket(deployed(cfn, EVERY_OPTION))[1]["Properties"]
+
+    assert props["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True,
+        "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True,
+    }
+    assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"] == [
+        {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+    ]
+    assert props["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    assert "VersioningConfiguration" not in props
+
+
+def test_managed_temp_bucket_policy_denies_every_request_without_tls(cfn: Json) -> None:
+    view = deployed(cfn, EVERY_OPTION)
+    name, _ = temp_bucket(view)
+
+    [policy] = of_type(view, "AWS::S3::BucketPolicy").values()
+    assert policy["Properties"]["Bucket"] == {"Ref": name}
+    assert policy["DeletionPolicy"] == "Retain"
+    assert policy["Properties"]["PolicyDocument"]["Statement"] == [
+        {
+            "Sid": "DenyInsecureTransport",
+            "Effect": "Deny",
+            "Principal": "*",
+            "Action": "s3:*",
+            "Resource": [
+                {"Fn::GetAtt": [name, "Arn"]},
+                {"Fn::Sub": f"${{{name}.Arn}}/*"},
+            ],
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        samconfig_overrides("prod"),
+        NO_OPTION,
+        # Every other option on, but no bucket to create.
+        {**EVERY_OPTION, "TempBucketName": ""},
+    ],
+    ids=["bucket-owned-elsewhere", "no-option", "managed-without-bucket-name"],
+)
+def test_temp_bucket_is_not_created_unless_managed_and_named(
+    cfn: Json, params: dict[str, str]
+) -> None:
+    view = deployed(cfn, params)
+
+    s3 = [name for name, res in view["Resources"].items() if res["Type"].startswith("AWS::S3::")]
+    assert s3 == []
+    assert "TempBucketArn" not in view["Outputs"]
+
+
+def test_unmanaged_temp_bucket_output_spells_out_the_managed_rule(cfn: Json) -> None:
+    unmanaged = {**samconfig_overrides("prod"), "TempFilesExpireDays": "3"}
+    view = deployed(cfn, unmanaged)
+    output = view["Outputs"]["TempFilesLifecycleRule"]
+    managed = deployed(cfn, EVERY_OPTION)
+
+    assert json.loads(render(output["Value"], view, unmanaged)) == lifecycle_rule(
+        managed, EVERY_OPTION
+    )
+    assert "TempFilesLifecycleRule" not in managed["Outputs"]
+    assert "TempFilesLifecycleRule" not in deployed(cfn, NO_OPTION)["Outputs"]
+    description = cfn["Parameters"]["ManageTempBucket"]["Description"]
+    assert "{TempPrefix}/" in description
+    assert "TempFilesLifecycleRule" in description
 
 
 # -- logs and alarms -----------------------------------------------------------------------------
