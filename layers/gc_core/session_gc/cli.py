@@ -143,6 +143,8 @@ def _run(args: argparse.Namespace) -> tuple[Any, int]:
     if args.command == "schema":
         return _schema(args.apply)
     rt = Runtime.from_env()
+    # DRY_RUN=true in the environment makes every run a dry run, as it does for the handlers.
+    dry_run = bool(getattr(args, "dry_run", False)) or rt.settings.dry_run
     progress = _progress_bar(rt)
     try:
         if args.command == "collect":
@@ -150,20 +152,20 @@ def _run(args: argparse.Namespace) -> tuple[Any, int]:
             from session_gc.ids import validate_session_id
 
             ids = [validate_session_id(sid) for sid in args.session_ids]
-            results = collect_sessions(rt, ids, dry_run=args.dry_run, force=args.force)
+            results = collect_sessions(rt, ids, dry_run=dry_run, force=args.force)
             failed = any(r.error for r in results.values())
             return [r.to_json() for r in results.values()], EXIT_PARTIAL if failed else EXIT_OK
         if args.command == "sweep":
             from session_gc.sweep import OVERRIDE_BLAST_RADIUS, sweep
 
             override = OVERRIDE_BLAST_RADIUS if args.override_blast_radius else None
-            swept = sweep(rt, dry_run=args.dry_run, override=override)
+            swept = sweep(rt, dry_run=dry_run, override=override)
             failed = any(r.error for r in swept.total_cleaned)
             code = EXIT_NOT_ACTED if swept.stopped else EXIT_PARTIAL if failed else EXIT_OK
             return swept.to_json(), code
         from session_gc.full import full_gc
 
-        done = full_gc(rt, dry_run=args.dry_run, force=args.force)
+        done = full_gc(rt, dry_run=dry_run, force=args.force)
         return done.to_json(), EXIT_NOT_ACTED if done.stopped else EXIT_OK
     finally:
         if progress is not None:

@@ -36,10 +36,14 @@ def parse_full_gc_event(event: Any) -> FullGcRequest:
 
 
 def parse_sweep_event(event: Any) -> SweepRequest:
-    """The EventBridge scheduled event (its fields are not needed), or a manual
-    ``{"dryRun": bool, "override": "blast-radius"}``."""
+    """The EventBridge scheduled event, or a manual ``{"dryRun": bool, "override": ...}``.
+
+    The scheduled event's own fields are not needed, but ``dryRun``/``override`` are read
+    even there: an operator who copies the sample event and adds ``"dryRun": true`` must get
+    a dry run, never a real one.
+    """
     if isinstance(event, Mapping) and event.get("detail-type") == "Scheduled Event":
-        return SweepRequest()
+        event = {k: v for k, v in event.items() if k in ("dryRun", "override")}
     fields = _fields(event, allowed={"dryRun", "override"}, what="sweep event")
     override = fields.get("override")
     if override is not None and override != OVERRIDE_BLAST_RADIUS:

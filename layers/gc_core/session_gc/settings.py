@@ -158,6 +158,13 @@ def _prefix(name: str, raw: str) -> str:
             validate_session_id(part)
         except ValueError as exc:
             raise ConfigError(f"{name} {value!r} is not a usable key prefix: {exc}") from None
+        if part == "session":
+            # "mosaic:session:t1" would put this deployment, its lock and its bookkeeping
+            # inside another deployment's session namespace, where that GC would collect it.
+            raise ConfigError(
+                f"{name} {value!r} must not contain a 'session' segment: it would nest this "
+                "deployment inside another one's session keys"
+            )
     return value
 
 
