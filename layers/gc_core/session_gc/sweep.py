@@ -95,6 +95,8 @@ def _sweep(
     if not dry_run:
         _update_candidates(rt, add=new, now=now, drop=(live & first_seen.keys()) | gone)
 
+    # NOTE: a pass resumed from a cursor judges the guards on the part of the keyspace this
+    # invocation saw; a part holding no live session trips the "no heartbeat" guard.
     stop = _blast_radius(due, dead, live, rt.settings.sweep_max_collect_ratio)
     if stop and override == OVERRIDE_BLAST_RADIUS:
         logger.warning("sweep blast-radius guard overridden by the invoke", reason=stop)

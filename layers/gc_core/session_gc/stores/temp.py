@@ -110,6 +110,8 @@ class S3TempStore:
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
                 )
+                # NOTE: keys S3 refused are reported, not retried here; the session's record
+                # fails and SQS redelivery retries what is left.
                 errors = reply.get("Errors", [])
                 result.failed.extend(
                     (e.get("Key", "?"), f"{e.get('Code')}: {e.get('Message')}") for e in errors

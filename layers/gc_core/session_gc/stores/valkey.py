@@ -337,6 +337,9 @@ class ValkeyStore:
             sid = self.keys.session_of(_text(key))
             if sid is not None and (only is None or sid in only):
                 by_session[sid].append(key if isinstance(key, bytes) else key.encode())
+        # NOTE: here the heartbeat check and the UNLINK are two round trips, so a heartbeat
+        # written in the milliseconds between them is not seen. Cluster mode has no atomic
+        # alternative (a script may not read keys of other slots); standalone uses the script.
         live = self.live_sessions(by_session) if spare_live else set()
         doomed = {sid: ks for sid, ks in by_session.items() if sid not in live}
         page = Page(node, int(next_cursor), live=live)
