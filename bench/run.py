@@ -354,56 +354,45 @@ def main() -> int:
     rss = max(r["rss_mib"] for r in ours)
     stall = max(r["stall_ms"] for r in ours)
 
+    def row(
+        label: str,
+        run: dict[str, Any],
+        items: float,
+        seconds: float,
+        *,
+        wall: str = "",
+        stall: str = "",
+    ) -> tuple[str, str, str, str, str]:
+        return (
+            label,
+            wall or f"{seconds:.2f}s",
+            rate(items, seconds),
+            f"{run['rss_mib']:.0f}",
+            stall or f"{run['stall_ms']:.1f}",
+        )
+
+    walks = f"({WALK_SAMPLE} timed, x{COLLECT_SESSIONS // WALK_SAMPLE})"
     rows = [
-        (
-            "(a) full GC, 1M session keys",
-            f"{full['seconds']:.2f}s",
-            rate(session_keys, full["seconds"]),
-            f"{full['rss_mib']:.0f}",
-            f"{full['stall_ms']:.1f}",
-        ),
-        (
-            "(b) valkey-cli --scan, piped to xargs unlink",
-            f"{shell['seconds']:.2f}s",
-            rate(session_keys, shell["seconds"]),
-            f"{shell['rss_mib']:.0f}",
-            f"{shell['stall_ms']:.1f}",
-        ),
-        (
-            "(c) original: SCAN 100 -> one DEL",
-            f"{original['seconds']:.2f}s",
-            rate(session_keys, original["seconds"]),
-            f"{original['rss_mib']:.0f}",
-            f"{original['stall_ms']:.1f}",
-        ),
-        (
+        row("(a) full GC, 1M session keys", full, session_keys, full["seconds"]),
+        row("(b) valkey-cli --scan, piped to xargs unlink", shell, session_keys, shell["seconds"]),
+        row("(c) original: SCAN 100 -> one DEL", original, session_keys, original["seconds"]),
+        row(
             f"(d) collect {COLLECT_SESSIONS} sessions, SQS batches of {SQS_BATCH}",
-            f"{collect['seconds']:.2f}s",
-            rate(COLLECT_SESSIONS, collect["seconds"]),
-            f"{collect['rss_mib']:.0f}",
-            f"{collect['stall_ms']:.1f}",
+            collect,
+            COLLECT_SESSIONS,
+            collect["seconds"],
         ),
-        (
-            f"    one walk per session ({WALK_SAMPLE} timed, x{COLLECT_SESSIONS // WALK_SAMPLE})",
-            f"{walk_per_session * COLLECT_SESSIONS:.1f}s (est.)",
-            rate(1, walk_per_session),
-            f"{walk['rss_mib']:.0f}",
-            f"{walk['stall_ms']:.1f}",
+        row(
+            f"    one walk per session {walks}",
+            walk,
+            1,
+            walk_per_session,
+            wall=f"{walk_per_session * COLLECT_SESSIONS:.1f}s (est.)",
         ),
-        (
-            f"(e) demote 700k rows, batches of {batch:,}",
-            f"{batched['seconds']:.2f}s",
-            rate(OLD_HOT_ROWS, batched["seconds"]),
-            f"{batched['rss_mib']:.0f}",
-            f"{batched['stall_ms']:.1f}",
+        row(
+            f"(e) demote 700k rows, batches of {batch:,}", batched, OLD_HOT_ROWS, batched["seconds"]
         ),
-        (
-            "    one single UPDATE",
-            f"{single['seconds']:.2f}s",
-            rate(OLD_HOT_ROWS, single["seconds"]),
-            f"{single['rss_mib']:.0f}",
-            "-",
-        ),
+        row("    one single UPDATE", single, OLD_HOT_ROWS, single["seconds"], stall="-"),
     ]
     summary = (
         f"bench: fullgc_vs_shell={fullgc_vs_shell:.2f}x rss_mib={rss:.0f} stall_ms={stall:.0f} "

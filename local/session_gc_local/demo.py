@@ -178,13 +178,9 @@ def _heartbeats(sid: str) -> list[str]:
 
 def _shorten(result: dict[str, Any]) -> str:
     shown = dict(result)
-    for field in ("totalCleaned",):
-        items = shown.get(field)
-        if isinstance(items, list) and len(items) > 3:
-            shown[field] = [*items[:3], f"... {len(items) - 3} more"]
-    for field in ("batchItemFailures",):
-        if field in shown:
-            shown[field] = shown[field]
+    items = shown.get("totalCleaned")
+    if isinstance(items, list) and len(items) > 3:
+        shown["totalCleaned"] = [*items[:3], f"... {len(items) - 3} more"]
     return json.dumps(shown, indent=2)
 
 

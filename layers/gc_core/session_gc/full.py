@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from itertools import islice
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -17,10 +18,9 @@ from session_gc.observability import logger, metrics
 from session_gc.results import FullResult
 from session_gc.runs import Cursors, Deadline, exclusive
 from session_gc.runtime import Runtime
+from session_gc.stores.valkey import HEARTBEAT_CHUNK
 
 STAGES = ("valkey", "logs", "jobs", "temp")
-# How many temp folders share one heartbeat round trip.
-TEMP_LIVENESS_CHUNK = 500
 
 
 def full_gc(
@@ -134,29 +134,20 @@ def _temp(rt: Runtime, result: FullResult, state: dict[str, Any], deadline: Dead
         return True
     logger.info("full gc temp started")
     failed = 0
-    chunk: list[str] = []
-
-    def flush() -> None:
-        nonlocal failed
+    folders = rt.temp.session_ids()
+    # Judged and removed a chunk at a time, so the deadline is looked at between chunks.
+    while chunk := list(islice(folders, HEARTBEAT_CHUNK)):
         live = set() if result.force else rt.valkey.live_sessions(chunk)
         for sid in chunk:
             if sid in live:
                 continue
-            assert rt.temp is not None
             removal = rt.temp.remove_session(sid, dry_run=result.dry_run)
             result.temp_files_removed += removal.removed
             if removal.failed:
                 failed += len(removal.failed)
                 logger.error("temp files not removed", session_id=sid, failed=removal.failed[:5])
-        chunk.clear()
-
-    for sid in rt.temp.session_ids():
-        chunk.append(sid)
-        if len(chunk) >= TEMP_LIVENESS_CHUNK:
-            flush()
-            if deadline.passed():
-                return False
-    flush()
+        if len(chunk) == HEARTBEAT_CHUNK and deadline.passed():
+            return False
     if failed:
         metrics.add_metric("TempFileFailures", MetricUnit.Count, failed)
     logger.info("full gc temp finished", files=result.temp_files_removed, failed=failed)

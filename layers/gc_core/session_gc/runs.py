@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from redis.exceptions import LockError
 
@@ -23,10 +23,6 @@ CURSOR_TTL_S = 24 * 3600
 # Stop when less than this remains: longer than the slowest page or batch ever measured
 # (about 1 s), with room for the final bookkeeping writes and the response.
 DEFAULT_MARGIN_MS = 20_000
-
-
-class LambdaContext(Protocol):
-    def get_remaining_time_in_millis(self) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -42,16 +42,9 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        if valkey is not None:
-            self.__dict__["valkey"] = valkey
-        if logs is not None:
-            self.__dict__["logs"] = logs
-        if jobs is not None:
-            self.__dict__["jobs"] = jobs
-        if temp is not None:
-            self.__dict__["temp"] = temp
-        if sqs is not None:
-            self.__dict__["sqs"] = sqs
+        # A store given here takes the place of the cached property that would build it.
+        given = {"valkey": valkey, "logs": logs, "jobs": jobs, "temp": temp, "sqs": sqs}
+        self.__dict__.update({name: store for name, store in given.items() if store is not None})
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Runtime:

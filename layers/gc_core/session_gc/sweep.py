@@ -26,14 +26,12 @@ from session_gc.observability import logger, metrics
 from session_gc.results import SweepResult
 from session_gc.runs import Cursors, Deadline, exclusive
 from session_gc.runtime import Runtime
-from session_gc.stores.valkey import translate_errors
+from session_gc.stores.valkey import key_text, translate_errors
 
 OVERRIDE_BLAST_RADIUS = "blast-radius"
 # SendMessageBatch takes at most 10 entries; a failed entry is retried this many times.
 SQS_BATCH = 10
 SQS_ATTEMPTS = 3
-# How many orphan temp folders share one heartbeat round trip.
-TEMP_LIVENESS_CHUNK = 500
 
 
 def sweep(
@@ -157,11 +155,9 @@ def _observe_temp(rt: Runtime, dead: set[str], live: set[str]) -> None:
     two-phase candidate list, judged by the same heartbeat."""
     assert rt.temp is not None
     unseen = [sid for sid in rt.temp.session_ids() if sid not in dead and sid not in live]
-    for i in range(0, len(unseen), TEMP_LIVENESS_CHUNK):
-        chunk = unseen[i : i + TEMP_LIVENESS_CHUNK]
-        alive = rt.valkey.live_sessions(chunk)
-        live |= alive
-        dead.update(sid for sid in chunk if sid not in alive)
+    alive = rt.valkey.live_sessions(unseen)
+    live |= alive
+    dead.update(sid for sid in unseen if sid not in alive)
     logger.info("sweep observed temp folders", orphan_folders=len(unseen))
 
 
@@ -204,7 +200,7 @@ def _load_candidates(rt: Runtime) -> dict[str, float]:
     first_seen: dict[str, float] = {}
     for key, value in raw.items():
         try:
-            first_seen[_text(key)] = float(value)
+            first_seen[key_text(key)] = float(value)
         except ValueError:
             continue  # unreadable entry: treated as not yet seen, re-stamped on this sweep
     return first_seen
@@ -258,7 +254,3 @@ def _enqueue(rt: Runtime, session_ids: list[str]) -> int:
 
 def _body(session_id: str) -> str:
     return json.dumps({"sessionId": session_id})
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -15,7 +15,6 @@ from typing import Any
 
 import redis.asyncio
 import redis.exceptions
-from bullmq import Queue
 
 from session_gc.errors import StoreUnavailable
 
@@ -65,6 +64,8 @@ class JobStore:
     async def _purge(
         self, retention_ms: int, dry_run: bool, stop: Callable[[], bool] | None
     ) -> int:
+        from bullmq import Queue  # only sweep and full GC purge; collect never loads it
+
         conn = self._client()
         queue = Queue(self.queue_name, {"connection": conn, "prefix": self.prefix})
         try:

@@ -140,6 +140,8 @@ return {page[1], flat, live_list, total}
 """
 
 STANDALONE = "standalone"
+# Sessions whose heartbeats share one pipeline round trip.
+HEARTBEAT_CHUNK = 500
 # Lua's unpack() fails with "too many results to unpack" past its C stack limit (8,000
 # values in Valkey's Lua 5.1), so the script never batches more keys than this per UNLINK.
 SCRIPT_UNLINK_MAX = 4096
@@ -233,16 +235,19 @@ class ValkeyStore:
     def live_sessions(self, session_ids: Iterable[str]) -> set[str]:
         """The subset of ``session_ids`` whose heartbeat key exists right now."""
         ids = list(dict.fromkeys(session_ids))
-        if not ids:
-            return set()
-        with translate_errors("check heartbeats"):
-            pipe = self.client.pipeline(transaction=False)
-            for sid in ids:
-                for key in self.keys.heartbeat_keys(sid):
-                    # One key per command: the two spellings may live in different slots.
-                    pipe.exists(key)
-            replies = pipe.execute()
-        return {sid for i, sid in enumerate(ids) if replies[2 * i] or replies[2 * i + 1]}
+        live: set[str] = set()
+        # Bounded pipelines: any number of ids, never one giant request and reply.
+        for start in range(0, len(ids), HEARTBEAT_CHUNK):
+            chunk = ids[start : start + HEARTBEAT_CHUNK]
+            with translate_errors("check heartbeats"):
+                pipe = self.client.pipeline(transaction=False)
+                for sid in chunk:
+                    for key in self.keys.heartbeat_keys(sid):
+                        # One key per command: the two spellings may live in different slots.
+                        pipe.exists(key)
+                replies = pipe.execute()
+            live.update(sid for i, sid in enumerate(chunk) if replies[2 * i] or replies[2 * i + 1])
+        return live
 
     # -- the page engine ---------------------------------------------------------------------
 
@@ -307,8 +312,8 @@ class ValkeyStore:
             args.extend(sorted(only))
         with translate_errors("scan a page of session keys"):
             next_cursor, flat, live, total = self._script(keys=[], args=args)
-        removed = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return Page(STANDALONE, int(next_cursor), removed, {_text(s) for s in live}, int(total))
+        removed = {key_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return Page(STANDALONE, int(next_cursor), removed, {key_text(s) for s in live}, int(total))
 
     def _client_page(
         self,
@@ -334,7 +339,7 @@ class ValkeyStore:
                 )
         by_session: dict[str, list[bytes]] = defaultdict(list)
         for key in raw:
-            sid = self.keys.session_of(_text(key))
+            sid = self.keys.session_of(key_text(key))
             if sid is not None and (only is None or sid in only):
                 by_session[sid].append(key if isinstance(key, bytes) else key.encode())
         # NOTE: here the heartbeat check and the UNLINK are two round trips, so a heartbeat
@@ -385,7 +390,7 @@ class ValkeyStore:
         self.client.close()
 
 
-def _text(value: bytes | str) -> str:
+def key_text(value: bytes | str) -> str:
     # Keys are bytes on the wire; an undecodable id never matches the id rules, so the
     # replacement character keeps such a key out of every deletion.
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
