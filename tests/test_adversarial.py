@@ -1,8 +1,8 @@
 """Adversarial inputs: odd ids, odd keys, odd prefixes, odd messages, odd heartbeats, odd files.
 
 Every deletion test proves the exact set of keys (rows, files) that went and that everything
-else stayed. Valkey tests run through both page engines, the server-side Lua script and the
-client path (the one cluster mode uses), which must agree key for key.
+else stayed. Valkey tests run through both page engines, the pipelined one (standalone) and
+the plain client path (the one cluster mode uses), which must agree key for key.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def seed_exotic(client: redis.Redis) -> set[bytes]:
     return keys
 
 
-@pytest.fixture(params=["script", "client"])
+@pytest.fixture(params=["pipelined", "plain"])
 def path_rt(
     request: pytest.FixtureRequest,
     settings: Settings,
@@ -120,7 +120,7 @@ def path_rt(
         store = ValkeyStore(
             redis.Redis.from_url(valkey_url),
             KeySpace(PREFIX),
-            use_script=request.param == "script",
+            pipelined=request.param == "pipelined",
             scan_count=10,
         )
         values = {**settings.__dict__, **overrides}

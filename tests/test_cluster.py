@@ -117,4 +117,4 @@ def test_full_gc_resumes_with_one_cursor_per_primary(
 def test_store_lists_every_primary(cluster_url: str, cluster: RedisCluster) -> None:
     store = ValkeyStore.connect(cluster_url, KeySpace("mosaic"), cluster=True)
     assert len(store.nodes()) == 3
-    assert not store.use_script
+    assert not store.pipelined

@@ -227,7 +227,7 @@ def test_sweep_heartbeat_appearing_right_before_deletion_saves_the_session(
     # WHEN the collecting sweep runs
     result = sweep(sweeper)
 
-    # THEN the page script's own heartbeat check spares it, and it leaves the candidates
+    # THEN the page engine's own heartbeat check spares it, and it leaves the candidates
     by_id = {r.session_id: r for r in result.total_cleaned}
     assert by_id[revived].skipped == "live" and by_id[revived].cleaned.valkey_keys == 0
     assert all(by_id[sid].cleaned.valkey_keys == len(seed.SESSION_PARTS) for sid in others)

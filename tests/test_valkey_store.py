@@ -1,7 +1,7 @@
 """ValkeyStore against a real Valkey: exactly the selected sessions' keys go, nothing else.
 
-Every test runs twice: through the Lua page script (standalone) and through the client path
-(what cluster mode uses). Both must delete exactly the same keys.
+Every test runs twice: through the pipelined engine (standalone) and through the plain client
+path (what cluster mode uses). Both must delete exactly the same keys.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from hypothesis import strategies as st
 
 from session_gc.errors import StoreUnavailable
 from session_gc.ids import KeySpace
-from session_gc.stores.valkey import PAGE_SCRIPT, Page, ValkeyStore
+from session_gc.stores.valkey import Page, ValkeyStore
 from session_gc_local import seed
 
 KEYS = KeySpace(PREFIX)
 MakeStore = Callable[..., ValkeyStore]
 
 
-@pytest.fixture(params=[True, False], ids=["script", "client"])
+@pytest.fixture(params=[True, False], ids=["pipelined", "plain"])
 def make_store(request: pytest.FixtureRequest, valkey: redis.Redis) -> MakeStore:
-    def make(**options: int) -> ValkeyStore:
-        return ValkeyStore(valkey, KEYS, use_script=request.param, **options)
+    def make(client: redis.Redis | None = None, **options: int) -> ValkeyStore:
+        return ValkeyStore(client or valkey, KEYS, pipelined=request.param, **options)
 
     return make
 
@@ -149,8 +149,8 @@ def test_pages_all_sessions_deletes_every_dead_session_and_nothing_else(
 def test_pages_with_many_sessions_in_one_page_judge_each_heartbeat(
     make_store: MakeStore, valkey: redis.Redis
 ) -> None:
-    # The script checks heartbeats for groups of sessions at once; every group boundary
-    # must still judge each session on its own.
+    # Heartbeats are checked for groups of sessions at once; every group boundary must
+    # still judge each session on its own.
     pipe = valkey.pipeline(transaction=False)
     live_ids = seed.session_ids(40, label="live")
     dead_ids = seed.session_ids(40, label="dead")
@@ -167,6 +167,30 @@ def test_pages_with_many_sessions_in_one_page_judge_each_heartbeat(
     pipe.execute()
 
     removed, live = drain(make_store(scan_count=5000).pages())
+
+    assert removed == {sid: 5 for sid in dead_ids}
+    assert live == set(live_ids)
+    assert keys_of(valkey) == kept
+
+
+def test_pages_over_a_mostly_live_keyspace_judge_each_session_across_pages(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    # Where live sessions are common the pipelined engine stops grouping heartbeat checks
+    # after a page; walking many small pages crosses that switch both ways.
+    pipe = valkey.pipeline(transaction=False)
+    live_ids = seed.session_ids(90, label="live")
+    dead_ids = seed.session_ids(10, label="dead")
+    kept: set[str] = set()
+    for i, sid in enumerate(live_ids):
+        kept |= set(
+            seed.write_session(valkey, PREFIX, sid, live=True, tagged=i % 4 == 0, pipe=pipe)
+        )
+    for i, sid in enumerate(dead_ids):
+        seed.write_session(valkey, PREFIX, sid, live=False, tagged=i % 2 == 0, pipe=pipe)
+    pipe.execute()
+
+    removed, live = drain(make_store(scan_count=15).pages())
 
     assert removed == {sid: 5 for sid in dead_ids}
     assert live == set(live_ids)
@@ -218,8 +242,6 @@ def test_pages_never_delete_keys_whose_id_part_is_invalid(
 
 
 def reset_stats(client: redis.Redis) -> None:
-    # Load the script first: redis-py's first EVALSHA would fail with NOSCRIPT and count.
-    client.script_load(PAGE_SCRIPT)
     client.config_resetstat()
 
 
@@ -249,10 +271,10 @@ def test_pages_unlink_thousands_of_keys_in_bounded_batches(
         assert stat.get("rejected_calls", 0) == 0, name
 
 
-def test_pages_with_unlink_batch_past_lua_unpack_limit_still_deletes_everything(
+def test_pages_with_the_largest_unlink_batch_still_delete_everything(
     make_store: MakeStore, valkey: redis.Redis
 ) -> None:
-    # GC_UNLINK_BATCH allows 10,000; Lua's unpack() alone would fail past ~8,000 values.
+    # GC_UNLINK_BATCH allows 10,000 keys in one UNLINK.
     pipe = valkey.pipeline(transaction=False)
     for i in range(9000):
         pipe.set(f"mosaic:session:abc:{i}", i)
@@ -302,6 +324,62 @@ def test_pages_resume_from_a_saved_cursor_finishes_the_session(
 
     assert removed == {"abc": len(left)}
     assert keys_of(valkey) == survivors
+
+
+def test_pages_stopped_early_leave_no_reply_behind_for_the_next_command(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    # The pipelined engine asks for the next page before it hands this one over; a caller
+    # that stops there must not leave that reply for the next user of the connection.
+    pipe = valkey.pipeline(transaction=False)
+    for i in range(300):
+        pipe.set(f"mosaic:session:abc:{i}", i)
+    pipe.execute()
+    valkey.set("mosaic:channel:abc:cursor", "still-here")
+    store = make_store(scan_count=10)
+
+    walk = store.pages(only=frozenset({"abc"}))
+    first = next(walk)
+    walk.close()
+
+    assert first.cursor != 0
+    for _ in range(3):  # whichever pooled connection comes next answers its own command
+        assert valkey.get("mosaic:channel:abc:cursor") == b"still-here"
+        assert store.live_sessions(["abc"]) == set()
+    removed, _ = drain(store.pages(only=frozenset({"abc"})))
+    assert removed["abc"] + first.total == 300
+    assert keys_of(valkey) == {"mosaic:channel:abc:cursor"}
+
+
+def test_pages_refused_unlink_names_the_step_and_deletes_nothing(
+    make_store: MakeStore, valkey: redis.Redis, valkey_url: str
+) -> None:
+    doomed = set(seed.write_session(valkey, PREFIX, "abc", live=False))
+    before = keys_of(valkey)
+    # A real refusal: an ACL user that may look but not delete.
+    valkey.acl_setuser(
+        "gc-readonly", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-unlink"]
+    )
+    try:
+        # One key per UNLINK: the refusal arrives with more replies still unread behind it.
+        store = make_store(
+            redis.Redis.from_url(valkey_url, username="gc-readonly", password="pw"),
+            scan_count=2,
+            unlink_batch=1,
+        )
+
+        refused = r"refused to unlink session keys: .* no permissions"
+        with pytest.raises(StoreUnavailable, match=refused):
+            drain(store.pages(only=frozenset({"abc"})))
+
+        assert keys_of(valkey) == before
+        assert doomed <= before
+        # The refused connections were not handed back half-read.
+        for _ in range(3):
+            assert store.client.get(sorted(doomed)[0]) is not None
+            assert store.live_sessions(["abc"]) == set()
+    finally:
+        valkey.acl_deluser("gc-readonly")
 
 
 def test_pages_skip_a_node_marked_finished(make_store: MakeStore, valkey: redis.Redis) -> None:
@@ -459,10 +537,10 @@ def test_pages_on_random_keyspace_delete_exactly_the_selected_dead_sessions(
 # -- an unreachable server -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_script", [True, False], ids=["script", "client"])
-def test_unreachable_server_raises_store_unavailable_naming_the_step(use_script: bool) -> None:
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "plain"])
+def test_unreachable_server_raises_store_unavailable_naming_the_step(pipelined: bool) -> None:
     store = ValkeyStore.connect(
-        "redis://127.0.0.1:1/0", KEYS, connect_timeout_s=0.5, use_script=use_script
+        "redis://127.0.0.1:1/0", KEYS, connect_timeout_s=0.5, pipelined=pipelined
     )
     started = time.monotonic()
 

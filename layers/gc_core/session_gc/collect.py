@@ -36,8 +36,8 @@ def collect_sessions(
     """Collect these sessions together: one keyspace pass, one log query, their temp folders.
 
     A session whose heartbeat exists is live and left alone (``skipped: "live"``) unless
-    ``force``; the heartbeat is checked once up front and again, atomically with the
-    deletion, on every page, so one that appears mid-run still stops the deletion.
+    ``force``; the heartbeat is checked once up front and again for every page, just before
+    its deletion, so one that appears mid-run stops the deletion from then on.
     """
     ids = [validate_session_id(sid) for sid in dict.fromkeys(session_ids)]
     results = {sid: SessionResult(sid) for sid in ids}

@@ -3,9 +3,10 @@
 Two phases, a grace period apart. A session seen with keys but no heartbeat becomes a
 candidate, stamped with the time it was first seen (in a hash outside the session
 namespace). Only a later sweep, at least the grace period on, that still finds it without
-a heartbeat collects it; the heartbeat is checked again atomically with each page of
-deletions. Liveness is judged by the heartbeat key alone: OBJECT IDLETIME is shared by
-small integers and unavailable under LFU eviction, so it is never consulted.
+a heartbeat collects it; the heartbeat is checked again for each page of deletions, one
+round trip before its UNLINK. Liveness is judged by the heartbeat key alone: OBJECT
+IDLETIME is shared by small integers and unavailable under LFU eviction, so it is never
+consulted.
 
 Blast-radius guards stop a sweep that would collect too large a share of what it saw, or
 that sees session keys but no heartbeat at all (a platform whose heartbeats broke looks
