@@ -351,6 +351,65 @@ def test_pages_stopped_early_leave_no_reply_behind_for_the_next_command(
     assert keys_of(valkey) == {"mosaic:channel:abc:cursor"}
 
 
+def test_pages_after_a_heartbeat_appears_delete_nothing_more_of_that_session(
+    make_store: MakeStore, valkey: redis.Redis
+) -> None:
+    # The caller's own time with a page (saving a cursor, logging) must never sit between a
+    # heartbeat check and the UNLINKs it allowed.
+    ids = seed.session_ids(200, label="dead")
+    pipe = valkey.pipeline(transaction=False)
+    for sid in ids:
+        seed.write_session(valkey, PREFIX, sid, live=False, pipe=pipe)
+    pipe.execute()
+    walk = make_store(scan_count=50).pages()
+
+    first = next(walk)
+    for sid in ids:  # every session comes back to life while the caller holds page one
+        valkey.set(f"{PREFIX}:session:{sid}:heartbeat", "1")
+    revived = keys_of(valkey)
+    rest, live = drain(walk)
+
+    assert first.total > 0
+    assert sum(rest.values()) == 0
+    assert keys_of(valkey) == revived
+    assert live
+
+
+def test_pages_with_health_checks_due_mid_walk_stay_in_step(
+    make_store: MakeStore, valkey: redis.Redis, valkey_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py may PING a connection before a command once it has been idle for the health
+    # check interval; that PING must never meet a reply still owed to the walk.
+    ids = seed.session_ids(60, label="dead")
+    pipe = valkey.pipeline(transaction=False)
+    for sid in ids:
+        seed.write_session(valkey, PREFIX, sid, live=False, pipe=pipe)
+    pipe.execute()
+    valkey.set("mosaic:channel:abc:cursor", "still-here")
+    client = redis.Redis.from_url(valkey_url, health_check_interval=0.05)
+    store = make_store(client, scan_count=20)
+    group = store._group
+
+    def slow_group(raw: list[bytes], wanted: set[bytes] | None) -> dict[bytes, list[bytes]]:
+        time.sleep(0.08)  # a slow client: every check is due by the next command
+        return group(raw, wanted)
+
+    monkeypatch.setattr(store, "_group", slow_group)
+
+    removed, _ = drain(store.pages())
+
+    assert removed == {sid: len(seed.SESSION_PARTS) for sid in ids}
+    assert keys_of(valkey) == {"mosaic:channel:abc:cursor"}
+    assert store.client.get("mosaic:channel:abc:cursor") == b"still-here"
+
+
+def test_pipelined_store_refuses_a_client_that_decodes_responses(valkey_url: str) -> None:
+    client = redis.Redis.from_url(valkey_url, decode_responses=True)
+
+    with pytest.raises(ValueError, match="decode_responses"):
+        ValkeyStore(client, KEYS, pipelined=True)
+
+
 def test_pages_refused_unlink_names_the_step_and_deletes_nothing(
     make_store: MakeStore, valkey: redis.Redis, valkey_url: str
 ) -> None:

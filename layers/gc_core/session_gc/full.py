@@ -8,6 +8,7 @@ next invoke carries on from there.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from datetime import datetime
 from itertools import islice
 from typing import Any
@@ -73,14 +74,16 @@ def _valkey(rt: Runtime, result: FullResult, state: dict[str, Any], deadline: De
         start=dict(positions),
         per_session=False,
     )
-    for page in pages:
-        result.valkey_keys += page.total
-        live |= page.live
-        positions[page.node] = page.cursor if page.cursor else -1
-        if page.cursor and deadline.passed():
-            state["valkey"] = positions
-            result.live_sessions_skipped = len(live)
-            return False
+    # Closed on leaving, early or by an exception: the walk holds two pooled connections.
+    with closing(pages):
+        for page in pages:
+            result.valkey_keys += page.total
+            live |= page.live
+            positions[page.node] = page.cursor if page.cursor else -1
+            if page.cursor and deadline.passed():
+                state["valkey"] = positions
+                result.live_sessions_skipped = len(live)
+                return False
     result.live_sessions_skipped = len(live)
     logger.info("full gc valkey finished", keys=result.valkey_keys, live_sessions_skipped=len(live))
     return True
