@@ -203,14 +203,9 @@ def worker(kind: str, valkey_url: str, database_url: str, extra: str) -> dict[st
         out["rows"] = moved
         out["max_stmt_ms"] = round(longest * 1000)
     elif kind == "demote_single":
-        import pg8000.native
+        from session_gc_local.seed import connect_pg
 
-        from session_gc.settings import parse_database_url
-
-        t = parse_database_url(database_url)
-        conn = pg8000.native.Connection(
-            user=t.user, password=t.password, database=t.database, unix_sock=t.unix_sock
-        )
+        conn = connect_pg(database_url)
         conn.run(
             "UPDATE agent_logs SET tier = 'warm' "
             "WHERE tier = 'hot' AND created_at < now() - interval '24 hours'"
@@ -297,16 +292,9 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="session-gc-bench-") as tmp,
         local_servers(Path(tmp)) as (valkey, pg),
     ):
-        import pg8000.native
+        from session_gc_local.seed import apply_schema, connect_pg
 
-        from session_gc.settings import parse_database_url
-
-        t = parse_database_url(pg.url)
-        conn = pg8000.native.Connection(
-            user=t.user, password=t.password, database=t.database, unix_sock=t.unix_sock
-        )
-        from session_gc_local.seed import apply_schema
-
+        conn = connect_pg(pg.url)
         apply_schema(conn)  # full GC checks for the table; its rows come later
 
         def fresh_keyspace() -> None:

@@ -4,6 +4,7 @@ empty log table."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ import pg8000.native
 import pytest
 import redis
 
-from session_gc.observability import metrics
+from session_gc.observability import logger, metrics
 from session_gc.runtime import Runtime
 from session_gc.settings import Settings, load_settings
 from session_gc_local import seed, servers
@@ -162,3 +163,15 @@ def keys_of(client: redis.Redis) -> set[str]:
 
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
+
+
+@pytest.fixture
+def restore_cli_logging() -> Iterator[None]:
+    """The CLI's main() points the logger at stderr and sets its level; both are put back."""
+    streams = [(h, h.stream) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    level = logger.log_level
+    yield
+    for handler, stream in streams:
+        # Not setStream: it would flush the capture stream pytest has already closed.
+        handler.stream = stream
+    logger.setLevel(level)

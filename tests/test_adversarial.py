@@ -8,7 +8,6 @@ the plain client path (the one cluster mode uses), which must agree key for key.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import time
@@ -27,7 +26,6 @@ from session_gc.errors import BadEvent, ConfigError, InvalidSessionId
 from session_gc.events import parse_full_gc_event
 from session_gc.full import full_gc
 from session_gc.ids import KeySpace
-from session_gc.observability import logger
 from session_gc.runtime import Runtime
 from session_gc.settings import Settings, load_settings
 from session_gc.stores.temp import DirTempStore
@@ -445,17 +443,6 @@ def test_scheduled_sweep_event_carrying_dry_run_changes_nothing(
     handler("sweep").lambda_handler(event, context)
 
     assert all_keys(valkey) == before
-
-
-@pytest.fixture
-def restore_cli_logging() -> Iterator[None]:
-    # main() points the logger at stderr and sets its level; put both back afterwards.
-    streams = [(h, h.stream) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
-    level = logger.log_level
-    yield
-    for handler, stream in streams:
-        handler.stream = stream
-    logger.setLevel(level)
 
 
 def test_cli_collect_with_dry_run_environment_changes_nothing(

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pg8000.native
@@ -16,7 +14,6 @@ import redis
 from conftest import PREFIX, keys_of
 
 from session_gc.cli import main
-from session_gc.observability import logger
 from session_gc_local import seed
 
 SESSION_GC = Path(sys.executable).parent / "session-gc"
@@ -24,17 +21,12 @@ SESSION_GC = Path(sys.executable).parent / "session-gc"
 
 @pytest.fixture(autouse=True)
 def cli_env(
-    handler_env: dict[str, str], valkey: redis.Redis, pg: pg8000.native.Connection
-) -> Iterator[None]:
-    """The environment the functions get, pointing at the clean test servers; the logger's
-    streams and level, which main() redirects to stderr, are put back afterwards."""
-    streams = [(h, h.stream) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
-    level = logger.log_level
-    yield
-    for handler, stream in streams:
-        # Not setStream: it would flush the capture stream pytest has already closed.
-        handler.stream = stream
-    logger.setLevel(level)
+    handler_env: dict[str, str],
+    valkey: redis.Redis,
+    pg: pg8000.native.Connection,
+    restore_cli_logging: None,
+) -> None:
+    """The environment the functions get, pointing at the clean test servers."""
 
 
 def logs(pg: pg8000.native.Connection) -> list[list[object]]:

@@ -122,16 +122,22 @@ def test_pages_without_spare_live_deletes_a_live_session(
     assert keys_of(valkey) == survivors
 
 
-def seed_mixed(client: redis.Redis) -> tuple[dict[str, set[str]], set[str]]:
-    """Dead sessions (returned with their keys), plus live sessions and bystanders."""
-    dead = {
-        sid: set(seed.write_session(client, PREFIX, sid, live=False, tagged=i % 2 == 1))
-        for i, sid in enumerate(seed.session_ids(6, label="dead"))
+def seed_mixed(
+    client: redis.Redis, *, dead: int = 6, live: int = 4
+) -> tuple[dict[str, set[str]], set[str]]:
+    """Dead sessions (returned with their keys), plus live sessions and bystanders (kept)."""
+    pipe = client.pipeline(transaction=False)
+    doomed = {
+        sid: set(seed.write_session(client, PREFIX, sid, live=False, tagged=i % 2 == 1, pipe=pipe))
+        for i, sid in enumerate(seed.session_ids(dead, label="dead"))
     }
     kept = set(seed.write_bystanders(client, PREFIX, count=3))
-    for i, sid in enumerate(seed.session_ids(4, label="live")):
-        kept |= set(seed.write_session(client, PREFIX, sid, live=True, tagged=i % 2 == 1))
-    return dead, kept
+    for i, sid in enumerate(seed.session_ids(live, label="live")):
+        kept |= set(
+            seed.write_session(client, PREFIX, sid, live=True, tagged=i % 2 == 1, pipe=pipe)
+        )
+    pipe.execute()
+    return doomed, kept
 
 
 def test_pages_all_sessions_deletes_every_dead_session_and_nothing_else(
@@ -151,25 +157,12 @@ def test_pages_with_many_sessions_in_one_page_judge_each_heartbeat(
 ) -> None:
     # Heartbeats are checked for groups of sessions at once; every group boundary must
     # still judge each session on its own.
-    pipe = valkey.pipeline(transaction=False)
-    live_ids = seed.session_ids(40, label="live")
-    dead_ids = seed.session_ids(40, label="dead")
-    kept: set[str] = set()
-    doomed: set[str] = set()
-    for i, sid in enumerate(live_ids):
-        kept |= set(
-            seed.write_session(valkey, PREFIX, sid, live=True, tagged=i % 3 == 0, pipe=pipe)
-        )
-    for i, sid in enumerate(dead_ids):
-        doomed |= set(
-            seed.write_session(valkey, PREFIX, sid, live=False, tagged=i % 2 == 0, pipe=pipe)
-        )
-    pipe.execute()
+    dead, kept = seed_mixed(valkey, dead=40, live=40)
 
     removed, live = drain(make_store(scan_count=5000).pages())
 
-    assert removed == {sid: 5 for sid in dead_ids}
-    assert live == set(live_ids)
+    assert removed == {sid: 5 for sid in dead}
+    assert live == set(seed.session_ids(40, label="live"))
     assert keys_of(valkey) == kept
 
 
@@ -178,22 +171,12 @@ def test_pages_over_a_mostly_live_keyspace_judge_each_session_across_pages(
 ) -> None:
     # Where live sessions are common the pipelined engine stops grouping heartbeat checks
     # after a page; walking many small pages crosses that switch both ways.
-    pipe = valkey.pipeline(transaction=False)
-    live_ids = seed.session_ids(90, label="live")
-    dead_ids = seed.session_ids(10, label="dead")
-    kept: set[str] = set()
-    for i, sid in enumerate(live_ids):
-        kept |= set(
-            seed.write_session(valkey, PREFIX, sid, live=True, tagged=i % 4 == 0, pipe=pipe)
-        )
-    for i, sid in enumerate(dead_ids):
-        seed.write_session(valkey, PREFIX, sid, live=False, tagged=i % 2 == 0, pipe=pipe)
-    pipe.execute()
+    dead, kept = seed_mixed(valkey, dead=10, live=90)
 
     removed, live = drain(make_store(scan_count=15).pages())
 
-    assert removed == {sid: 5 for sid in dead_ids}
-    assert live == set(live_ids)
+    assert removed == {sid: 5 for sid in dead}
+    assert live == set(seed.session_ids(90, label="live"))
     assert keys_of(valkey) == kept
 
 

@@ -22,12 +22,14 @@ from typing import Any
 import pg8000.native
 import redis
 
+from session_gc.ids import KeySpace
 from session_gc.observability import logger
 from session_gc_local import seed
 from session_gc_local.invoke import REPO_ROOT, LambdaContext, load_handler
 from session_gc_local.servers import local_servers
 
 PREFIX = "mosaic"
+KEYS = KeySpace(PREFIX)
 GRACE_S = 2  # the sweep's grace period, shortened from an hour so the story fits a minute
 JOB_RETENTION_S = 2  # likewise for finished jobs (7 days in production)
 
@@ -155,7 +157,7 @@ def _story(client: redis.Redis, url: str, cast: Cast) -> None:
     )
     _revive(client, cast.revived)
     for sid in cast.dying:
-        client.delete(*_heartbeats(sid))
+        client.delete(*KEYS.heartbeat_keys(sid))
     time.sleep(GRACE_S + 0.5)
 
     invoke("sweep", scheduled, "sweep #2 (scheduled): candidates still dead after the grace go")
@@ -168,12 +170,8 @@ def _story(client: redis.Redis, url: str, cast: Cast) -> None:
 
 
 def _revive(client: redis.Redis, sid: str) -> None:
-    for key in _heartbeats(sid)[:1]:
-        client.set(key, "1", ex=seed.HEARTBEAT_TTL_S)
-
-
-def _heartbeats(sid: str) -> list[str]:
-    return [f"{PREFIX}:session:{sid}:heartbeat", f"{PREFIX}:session:{{{sid}}}:heartbeat"]
+    plain, _tagged = KEYS.heartbeat_keys(sid)
+    client.set(plain, "1", ex=seed.HEARTBEAT_TTL_S)
 
 
 def _shorten(result: dict[str, Any]) -> str:
@@ -199,8 +197,8 @@ def _snapshot(
         counts[label] = counts.get(label, 0) + sum(1 for k in keys if match(k))
 
     keys = [k.decode() for k in client.scan_iter(count=1000)]
-    count("valkey: keys of sessions that stay live", lambda k: _sid(k) in still_live)
-    count("valkey: keys of ended/dead sessions", lambda k: _sid(k) in gone)
+    count("valkey: keys of sessions that stay live", lambda k: KEYS.session_of(k) in still_live)
+    count("valkey: keys of ended/dead sessions", lambda k: KEYS.session_of(k) in gone)
     count("valkey: channel keys", lambda k: k.startswith(f"{PREFIX}:channel:"))
     count(
         "valkey: other prefixes",
@@ -233,14 +231,6 @@ async def _job_counts(url: str) -> dict[str, int]:
         return {k: int(v) for k, v in counts.items()}
     finally:
         await queue.close()
-
-
-def _sid(key: str) -> str | None:
-    root = f"{PREFIX}:session:"
-    if not key.startswith(root):
-        return None
-    rest = key[len(root) :]
-    return rest[1 : rest.find("}")] if rest.startswith("{") else rest.split(":", 1)[0]
 
 
 def _print_table(before: Snapshot, after: Snapshot) -> None:

@@ -116,7 +116,6 @@ def _logs(rt: Runtime, result: FullResult, state: dict[str, Any], deadline: Dead
 
 
 def _jobs(rt: Runtime, result: FullResult, state: dict[str, Any], deadline: Deadline) -> bool:
-    retention_ms = int(rt.settings.job_retention_hours * 3600 * 1000)
     logger.info("full gc jobs started", queue=rt.settings.job_queue_name)
     cut_short = False
 
@@ -126,7 +125,9 @@ def _jobs(rt: Runtime, result: FullResult, state: dict[str, Any], deadline: Dead
         cut_short = deadline.passed()
         return cut_short
 
-    result.jobs_purged = rt.jobs.purge_finished(retention_ms, dry_run=result.dry_run, stop=stop)
+    result.jobs_purged = rt.jobs.purge_finished(
+        rt.settings.job_retention_ms, dry_run=result.dry_run, stop=stop
+    )
     logger.info("full gc jobs finished", jobs=result.jobs_purged, dry_run=result.dry_run)
     # Cut short: the stage runs again on resume (what is gone stays gone).
     return not cut_short

@@ -15,9 +15,10 @@ MAX_ID_LENGTH = 200
 
 # Letters, digits and a few separators. Everything else (glob characters * ? [ ] \, the key
 # separator ':', hash-tag braces, whitespace, control characters, quotes) is rejected.
-_ID_RE = re.compile(r"[A-Za-z0-9._@+=-]+")
+_ID_CHARS = "A-Za-z0-9._@+=-"
+_ID_RE = re.compile(f"[{_ID_CHARS}]+")
 # The same rule on the raw bytes of a key, length included (keys arrive as bytes).
-_RAW_ID_RE = re.compile(rb"[A-Za-z0-9._@+=-]{1,%d}" % MAX_ID_LENGTH)
+_RAW_ID_RE = re.compile(f"[{_ID_CHARS}]{{1,{MAX_ID_LENGTH}}}".encode())
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
@@ -75,6 +76,11 @@ class KeySpace:
             f"{self.session_root}{session_id}:heartbeat",
             f"{self.session_root}{{{session_id}}}:heartbeat",
         )
+
+    def raw_heartbeat_keys(self, session_id: bytes) -> tuple[bytes, bytes]:
+        """heartbeat_keys for an id as a page engine holds it: bytes read out of a key."""
+        root = self._raw_root
+        return root + session_id + b":heartbeat", root + b"{" + session_id + b"}:heartbeat"
 
     def session_of(self, key: bytes | str) -> str | None:
         """The session id a key belongs to, or None if it is not a well-formed session key."""

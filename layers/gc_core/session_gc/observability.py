@@ -17,8 +17,9 @@ metrics = Metrics(service=SERVICE, namespace=NAMESPACE)
 
 
 def __getattr__(name: str) -> Tracer:
-    # The Tracer pulls in the X-Ray SDK and botocore (~20 MiB, ~250 ms). Only the handlers
-    # trace, so it is built on first import by a handler, never by the core, CLI or bench.
+    # Outside Lambda the X-Ray SDK builds a botocore client at import (~20 MiB, ~250 ms).
+    # Only the handlers trace, so the Tracer is built on first import by a handler, never
+    # by the core, the CLI or the benchmark.
     if name == "tracer":
         from aws_lambda_powertools import Tracer
 

@@ -58,8 +58,8 @@ class Settings:
     temp_store_url: str | None = None
     collect_queue_url: str | None = None
     dry_run: bool = False
-    # Tuning, measured on a 2-core box (see BENCHMARKS.md). A page is one server-side script
-    # call: 500 keys keep its worst case near 10 ms (1,000 reached 30 ms) at the same speed.
+    # Tuning, measured on a 2-core box (see BENCHMARKS.md). A full GC of a million keys ran
+    # as fast with SCAN pages of 500 as of 1,000 or 2,000; smaller pages keep each command short.
     scan_count: int = 500
     unlink_batch: int = 500
     log_batch_size: int = 5000
@@ -80,6 +80,10 @@ class Settings:
     @property
     def database_target(self) -> DatabaseTarget | None:
         return parse_database_url(self.database_url) if self.database_url else None
+
+    @property
+    def job_retention_ms(self) -> int:
+        return int(self.job_retention_hours * 3600 * 1000)
 
 
 # env var name -> (field, parser)

@@ -163,8 +163,9 @@ def _observe_temp(rt: Runtime, dead: set[str], live: set[str]) -> None:
 
 
 def _purge_jobs(rt: Runtime, result: SweepResult, *, dry_run: bool, deadline: Deadline) -> None:
-    retention_ms = int(rt.settings.job_retention_hours * 3600 * 1000)
-    result.jobs_purged = rt.jobs.purge_finished(retention_ms, dry_run=dry_run, stop=deadline.passed)
+    result.jobs_purged = rt.jobs.purge_finished(
+        rt.settings.job_retention_ms, dry_run=dry_run, stop=deadline.passed
+    )
     if not dry_run:
         metrics.add_metric("JobsPurged", MetricUnit.Count, result.jobs_purged)
     logger.info("sweep jobs purged", jobs=result.jobs_purged, dry_run=dry_run)

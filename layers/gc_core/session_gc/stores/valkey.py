@@ -305,11 +305,8 @@ class ValkeyStore:
         }
 
     def _heartbeats(self, sids: Sequence[bytes]) -> list[bytes]:
-        root = self.keys.session_root.encode()
-        out: list[bytes] = []
-        for sid in sids:
-            out += (root + sid + b":heartbeat", root + b"{" + sid + b"}:heartbeat")
-        return out
+        beats = self.keys.raw_heartbeat_keys
+        return [key for sid in sids for key in beats(sid)]
 
     def _live_raw(self, conn: _Wire, sids: list[bytes], size: int) -> set[bytes]:
         """Which of ``sids`` have a heartbeat, asking ``size`` sessions to an EXISTS."""
@@ -351,7 +348,7 @@ class ValkeyStore:
                 )
         by_session: dict[str, list[bytes]] = defaultdict(list)
         for key in raw:
-            sid = self.keys.session_of(key_text(key))
+            sid = self.keys.session_of(key)
             if sid is not None and (only is None or sid in only):
                 by_session[sid].append(key if isinstance(key, bytes) else key.encode())
         live = self.live_sessions(by_session) if spare_live else set()
